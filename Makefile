@@ -1,0 +1,39 @@
+# Two commands for a fresh machine with only Python: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= data/demo
+# Off this project's machines, a CPU-only torch: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+.PHONY: install demo test lint mlproject clean
+
+install: $(STAMP)
+
+# torch first and pinned: left to the resolver, an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" mlflow run . --env-manager local -e demo_corpus \
+		-P output_dir=$(DEMO_DIR)
+	@echo
+	@echo "Runs are tracked in $(MLFLOW_TRACKING_URI). To browse them:"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"
+	@echo "then open http://127.0.0.1:5000"
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+mlproject: $(STAMP)
+	$(BIN)/python -m ser.mlproject
+
+clean:
+	rm -rf $(VENV) mlruns mlflow.db .pytest_cache .ruff_cache

@@ -1,0 +1,75 @@
+"""Safe loading of PyTorch and fairseq checkpoints: no pickle may run arbitrary code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ser.errors import SerInputError
+
+# fairseq checkpoints hold plain containers and tensors, plus an argparse.Namespace of options
+# in the older format (wav2vec_large.pt, wav2vec_small.pt). Nothing else is needed to read them.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+def safe_torch_load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` and only :data:`SAFE_GLOBALS` allowed."""
+    file = Path(path)
+    if not file.is_file():
+        raise SerInputError(f"checkpoint {file}: no such file; pass the path of a .pt/.ckpt file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SerInputError(
+            f"checkpoint {file} needs objects that are not safe to unpickle "
+            f"({_unsafe_global(err)}); only tensors, plain containers and argparse.Namespace are "
+            "accepted. Re-save it with plain types, e.g. "
+            "torch.save({'model': model.state_dict()}, path)."
+        ) from err
+    except Exception as err:  # torch raises KeyError, RuntimeError, ... on non-checkpoints
+        raise SerInputError(
+            f"checkpoint {file} is not a PyTorch checkpoint ({type(err).__name__}: "
+            f"{_first_line(err)}); expected a file written by torch.save "
+            "(a fairseq .pt or a Lightning .ckpt)."
+        ) from err
+    if not isinstance(obj, dict):
+        raise SerInputError(
+            f"checkpoint {file} holds a {type(obj).__name__}, expected a dict "
+            "(a fairseq checkpoint with 'model', or a Lightning checkpoint with 'state_dict')."
+        )
+    return obj
+
+
+def _unsafe_global(err: BaseException) -> str:
+    match = re.search(r"GLOBAL (\S+)", str(err))
+    return f"global {match.group(1)}" if match else _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else "no message"
+
+
+def fairseq_model_options(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """The model options of a fairseq checkpoint, from either of its two formats.
+
+    Older checkpoints carry ``args`` (an argparse.Namespace of every training and model option);
+    newer ones carry ``cfg``, a plain dict whose ``model`` section holds the model options.
+    """
+    cfg = checkpoint.get("cfg")
+    for options in (cfg.get("model") if isinstance(cfg, dict) else None, checkpoint.get("args")):
+        if isinstance(options, argparse.Namespace):
+            return dict(vars(options))
+        if isinstance(options, dict):
+            return dict(options)
+    raise SerInputError(
+        f"{source} has neither 'args' nor 'cfg' with model options (keys: {sorted(checkpoint)}); "
+        "expected a fairseq checkpoint as written by fairseq-train."
+    )

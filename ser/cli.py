@@ -1,0 +1,113 @@
+"""Command lines built from the config dataclasses, so flags and defaults never drift apart.
+
+Every flag is a config field (``--output_dir``), its default is the field's default, and its type
+is the field's type. The console scripts in pyproject.toml and the thin scripts in
+``entrypoints/`` (which MLproject runs) both call the ``*_main`` functions here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from ser.config import DemoCorpusConfig, PrepareIemocapConfig
+from ser.errors import SerInputError
+
+ConfigT = TypeVar("ConfigT")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE | _FALSE:
+        return value in _TRUE
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_int_tuple(text: str) -> tuple[int, ...]:
+    """``"64,512,4096"`` -> ``(64, 512, 4096)`` (MLflow passes lists as strings)."""
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 64,512,4096, got {text!r}"
+        ) from None
+
+
+def _field_parser(annotation: Any) -> Callable[[str], Any]:
+    parsers: dict[Any, Callable[[str], Any]] = {
+        bool: parse_bool,
+        int: int,
+        float: float,
+        str: str,
+        tuple[int, ...]: parse_int_tuple,
+    }
+    if annotation not in parsers:
+        raise TypeError(f"no command-line parser for config type {annotation!r}")
+    return parsers[annotation]
+
+
+def build_parser(config_cls: type[Any], description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--field`` per dataclass field of ``config_cls``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        required = bool(field.metadata.get("required"))
+        parser.add_argument(
+            f"--{field.name}",
+            type=_field_parser(hints[field.name]),
+            default=None if required else default,
+            required=required,
+            metavar=hints[field.name].__name__ if isinstance(hints[field.name], type) else "LIST",
+        )
+    return parser
+
+
+def parse_config(
+    config_cls: type[ConfigT], argv: Sequence[str] | None, description: str
+) -> ConfigT:
+    args = build_parser(config_cls, description).parse_args(argv)
+    return config_cls(**vars(args))
+
+
+def run_cli(job: Callable[[], object]) -> int:
+    """Run ``job``; a :class:`SerInputError` becomes one clear line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        job()
+    except SerInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def demo_corpus_main(argv: Sequence[str] | None = None) -> int:
+    from ser.data.synthetic import generate_corpus
+
+    config = parse_config(
+        DemoCorpusConfig, argv, "Generate the built-in synthetic emotional speech corpus."
+    )
+    return run_cli(lambda: generate_corpus(config))
+
+
+def prepare_iemocap_main(argv: Sequence[str] | None = None) -> int:
+    from ser.data.iemocap import prepare_iemocap
+
+    config = parse_config(
+        PrepareIemocapConfig,
+        argv,
+        "Convert an IEMOCAP_full_release directory into 16 kHz wavs and session-wise label files.",
+    )
+    return run_cli(lambda: prepare_iemocap(config))
