@@ -35,3 +35,96 @@ class PrepareIemocapConfig:
 
     iemocap_dir: str = field(default="", metadata=REQUIRED)
     output_dir: str = field(default="", metadata=REQUIRED)
+
+
+@dataclass
+class TrainingConfig:
+    """What every training stage shares: data, hardware, precision, checkpoints, seeds."""
+
+    datadir: str = "data/demo/Audio_16k"  # the audio directory label paths are relative to
+    labeldir: str = "data/demo/labels"  # a folder of fold files
+    labelpath: str = ""  # one fold file; when given, used instead of labeldir
+    output_dir: str = ""  # empty: outputs/<stage>
+    seed: int = 0
+    precision: str = "32"  # 32, 16-mixed or bf16-mixed (GPU precisions fall back to 32 on CPU)
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 0.0  # 0: no clipping, as in the original
+    save_top_k: int = 1
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: str = "auto"
+    downmix: bool = False  # average multi-channel audio instead of refusing it
+    maxseqlen: float = 10.0  # seconds; longer training audio is cropped at random
+
+
+@dataclass
+class FinetuneConfig(TrainingConfig):
+    """Fine-tuning on emotion labels: V-FT, and the last stage of TAPT and P-TAPT."""
+
+    backbone: str = "tiny"  # preset, HF directory or hub name, fairseq .pt, or our checkpoint
+    pretrained_path: str = ""  # an earlier stage's backbone (path or runs:/ URI): wins over it
+    classes: str = ""  # comma-separated; empty: the sorted labels of the first fold file
+    lr: float = 1e-4
+    batch_size: int = 64
+    max_epochs: int = 15
+    num_exps: int = 1  # repeats per fold, differing by seed
+    mask_time_prob: float = 0.08
+    mask_feature_prob: float = 0.05
+
+
+@dataclass
+class TaptConfig(TrainingConfig):
+    """TAPT: continued wav2vec 2.0 pretraining (contrastive + diversity loss) on Train audio."""
+
+    backbone: str = "tiny"
+    lr: float = 1e-4
+    batch_size: int = 64  # sets the dynamic batch: 250 s of audio per 64 utterances
+    training_step: int = 200  # the paper: 20000 (IEMOCAP)
+    warmup_step: int = 20  # the paper: 100
+    gradient_clip_val: float = 1.0  # departs from the original: keeps mixed precision NaN-free
+    checkpoint_every: int = 100  # steps between last.ckpt saves (resume points)
+
+
+@dataclass
+class Phase1Config(TrainingConfig):
+    """P-TAPT phase 1: the wav2vec 1.0 emotion model trained on utterance labels."""
+
+    w2v1: str = "tiny"  # preset, fairseq wav2vec_large.pt, or our saved directory
+    classes: str = ""
+    lr: float = 1e-4
+    batch_size: int = 64
+    training_step: int = 200  # the paper: 10000
+    warmup_fraction: float = 0.05
+    valid_fraction: float = 0.1  # of Train, held out at random (fixed seed) for checkpointing
+    checkpoint_every: int = 50
+
+
+@dataclass
+class ClusterConfig:
+    """k-means pseudo-labels from phase-1 frame features, one label file per cluster count."""
+
+    datadir: str = "data/demo/Audio_16k"
+    labeldir: str = "data/demo/labels"
+    labelpath: str = ""
+    output_dir: str = ""
+    pretrained_path: str = ""  # the phase-1 model (directory, checkpoint or runs:/ URI)
+    num_clusters: tuple[int, ...] = (8, 32)  # the paper: 64,512,4096
+    sample_ratio: float = 1.0  # share of each utterance's frames that k-means trains on
+    sample_cap_per_centroid: int = 1000  # k-means trains on at most this many frames x max(k)
+    niter: int = 20
+    seed: int = 0
+    downmix: bool = False
+
+
+@dataclass
+class Phase2Config(TrainingConfig):
+    """P-TAPT phase 2: wav2vec 2.0 trained to predict every frame's cluster labels."""
+
+    backbone: str = "tiny"
+    clusterpath: str = ""  # the merged cluster-label JSON (path or runs:/ URI)
+    lr: float = 1e-4
+    batch_size: int = 64
+    training_step: int = 200  # the paper: 20000
+    warmup_step: int = 20  # the paper: 100
+    mask_time_prob: float = 0.06
+    checkpoint_every: int = 100

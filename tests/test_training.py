@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ser.config import TrainingConfig
+from ser.errors import SerInputError
+from ser.schedule import warmup_flat_decay, warmup_flat_decay_factor
+from ser.training import build_trainer, fit, last_checkpoint, resolve_precision
+
+
+def test_schedule_warms_up_holds_then_decays_to_zero() -> None:
+    total, warmup = 100, 10
+    factors = [warmup_flat_decay_factor(s, warmup, total, 0.05) for s in range(total)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10:15] == [1.0] * 5  # 5 % of 100 steps flat
+    assert all(a >= b for a, b in zip(factors[15:], factors[16:], strict=False))
+    assert factors[-1] == pytest.approx(1 / 85)  # last step still trains, then 0
+    assert warmup_flat_decay_factor(total, warmup, total, 0.05) == 0.0
+
+
+def test_schedule_drives_the_optimizer() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=1e-3)
+    scheduler = warmup_flat_decay(optimizer, warmup=4, total=20)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
+def test_gpu_precision_falls_back_on_cpu_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match="needs a GPU"):
+        assert resolve_precision("16-mixed", cuda=False) == "32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("32", cuda=False) == "32"
+    with pytest.raises(SerInputError, match="precision='16'"):
+        resolve_precision("16")
+
+
+class _Toy(pl.LightningModule):
+    def __init__(self, stop_at: int | None = None) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.stop_at = stop_at
+        self.steps_run = 0
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.stop_at is not None and self.global_step == self.stop_at:
+            raise RuntimeError("killed")
+        self.steps_run += 1
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randn(8, 3, generator=generator), torch.randn(8, 1, generator=generator)
+    data = TensorDataset(inputs, targets)
+    return DataLoader(data, batch_size=2)
+
+
+def _train(output: Path, stop_at: int | None) -> _Toy:
+    torch.manual_seed(0)
+    module = _Toy(stop_at)
+    trainer = build_trainer(
+        TrainingConfig(), output, max_steps=10, every_n_train_steps=4, enable_validation=False
+    )
+    fit(trainer, module, output, train_dataloaders=_loader())
+    return module
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
+    reference = _train(tmp_path / "straight", None)
+    out = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(out, stop_at=9)  # checkpoints at steps 4 and 8 (epoch ends), then dies at 9
+    assert last_checkpoint(out) is not None
+    assert torch.load(last_checkpoint(out), weights_only=True)["global_step"] == 8
+    resumed = _train(out, None)
+    assert resumed.trainer.global_step == 10
+    assert resumed.steps_run == 2  # only the steps after the checkpoint were trained again
+    # resumed at an epoch boundary, the run is the uninterrupted one, step for step
+    torch.testing.assert_close(resumed.layer.weight, reference.layer.weight)
