@@ -1,0 +1,173 @@
+"""Everything ser asks of MLflow: stage runs, their tags, inputs by URI, and reuse of finished runs.
+
+A stage run is reused only when it finished *completely* (tag ``ser.complete=true``, set as the
+very last step) and its reuse key matches: the stage, every parameter that changes the result,
+the input URIs, and a fingerprint of the audio and label files' contents. A failed or killed
+run never carries the tag, so it is never reused; re-running the same command lands in the same
+output directory (named after the key) and resumes from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+from pytorch_lightning.loggers import MLFlowLogger
+
+from ser.errors import SerInputError
+
+log = logging.getLogger(__name__)
+
+TAG_STAGE = "ser.stage"
+TAG_METHOD = "ser.method"
+TAG_KEY = "ser.reuse_key"
+TAG_COMPLETE = "ser.complete"
+TAG_FINGERPRINT = "ser.data_fingerprint"
+TAG_COMMIT = "ser.git_commit"
+TAG_REUSED = "ser.reused_run"
+TAG_OUTPUT = "ser.output_uri"
+
+# Parameters that change where or how fast a stage runs, not what it computes.
+NOT_IN_KEY = frozenset({"output_dir", "num_workers", "accelerator", "devices", "force"})
+_URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "dbfs:/")
+_CHUNK = 1 << 20
+
+
+def is_uri(value: str) -> bool:
+    return value.startswith(_URI_SCHEMES)
+
+
+def resolve_input(value: str, name: str) -> str:
+    """A local path for ``value``: downloaded with MLflow when it is an artifact or model URI."""
+    if not value or not is_uri(value):
+        return value
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=value)
+    except Exception as err:  # MLflow raises several types for unknown runs/paths
+        raise SerInputError(
+            f"{name}={value}: cannot download it from the tracking server "
+            f"{mlflow.get_tracking_uri()} ({err}); check the run id and artifact path "
+            "(`mlflow artifacts list --run-id ID`)"
+        ) from err
+    log.info("%s: %s downloaded to %s", name, value, local)
+    return local
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(files: Iterable[tuple[str, Path]]) -> str:
+    """One hash over ``(name, content)`` pairs: changes when any file's name or bytes change."""
+    digest = hashlib.sha256()
+    for name, path in sorted(files):
+        digest.update(f"{name}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def data_fingerprint(datadir: str, label_files: Iterable[Path]) -> str:
+    """Fingerprint of the label files and every audio file they name."""
+    labels = sorted(Path(p) for p in label_files)
+    names: set[str] = set()
+    for path in labels:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+        names.update(name for split in splits.values() for name in split)
+    audio = Path(datadir)
+    pairs = [(f"labels/{p.name}", p) for p in labels]
+    pairs += [(f"audio/{name}", audio / name) for name in sorted(names)]
+    return fingerprint(pairs)
+
+
+def key_params(params: Mapping[str, Any]) -> dict[str, str]:
+    return {k: _param_text(v) for k, v in sorted(params.items()) if k not in NOT_IN_KEY}
+
+
+def reuse_key(stage: str, params: Mapping[str, Any], data_print: str) -> str:
+    payload = json.dumps([stage, key_params(params), data_print], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def find_reusable(stage: str, key: str) -> Run | None:
+    """The newest complete, finished run of ``stage`` with this reuse key, in any experiment."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=(
+            f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_KEY}` = '{key}' "
+            f"and tags.`{TAG_COMPLETE}` = 'true' and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, tags: Mapping[str, str], nested: bool) -> Iterator[Run]:
+    """Start (or, for an ``mlflow run`` entry point, continue) the MLflow run of one stage."""
+    active = mlflow.active_run()
+    if active is None and os.environ.get("MLFLOW_RUN_ID") and not nested:
+        # `mlflow run` created the run for this entry point: log into it.
+        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]) as run:
+            mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
+            yield mlflow.get_run(run.info.run_id)
+        return
+    with mlflow.start_run(run_name=stage, nested=active is not None) as run:
+        mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
+        yield mlflow.get_run(run.info.run_id)
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    mlflow.log_params({k: _param_text(v)[:6000] for k, v in params.items()})
+
+
+def mark_complete(run_id: str) -> None:
+    mlflow.MlflowClient().set_tag(run_id, TAG_COMPLETE, "true")
+
+
+class StageLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing into an existing stage run without ending it.
+
+    Lightning's logger marks its run FINISHED when one ``fit`` ends; a stage fits once per fold
+    and only the stage itself may say when it is complete.
+    """
+
+    def finalize(self, status: str = "success") -> None:
+        return None
+
+
+def stage_logger(run_id: str, prefix: str) -> StageLogger:
+    """Metrics of one fold's training, under the stage's run, named ``<prefix>-<metric>``."""
+    return StageLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id, prefix=prefix)
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    return str(value)

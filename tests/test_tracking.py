@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from ser import tracking
+from ser.errors import SerInputError
+
+
+def _corpus(tmp_path: Path) -> tuple[Path, Path]:
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "a.wav").write_bytes(b"aaaa")
+    (audio / "b.wav").write_bytes(b"bbbb")
+    label = tmp_path / "fold_1.json"
+    label.write_text(json.dumps({"Train": {"a.wav": "sad"}, "Val": {}, "Test": {"b.wav": "sad"}}))
+    return audio, label
+
+
+def test_data_fingerprint_follows_audio_and_label_contents(tmp_path: Path) -> None:
+    audio, label = _corpus(tmp_path)
+    first = tracking.data_fingerprint(str(audio), [label])
+    assert tracking.data_fingerprint(str(audio), [label]) == first
+    (audio / "b.wav").write_bytes(b"bbbc")
+    second = tracking.data_fingerprint(str(audio), [label])
+    assert second != first
+    label.write_text(json.dumps({"Train": {"a.wav": "happy"}, "Test": {"b.wav": "sad"}}))
+    assert tracking.data_fingerprint(str(audio), [label]) not in {first, second}
+
+
+def test_reuse_key_ignores_where_and_how_fast() -> None:
+    base = {"lr": 1e-4, "num_clusters": (8, 32), "output_dir": "a", "num_workers": 0}
+    moved = {**base, "output_dir": "b", "num_workers": 4}
+    assert tracking.reuse_key("cluster", base, "fp") == tracking.reuse_key("cluster", moved, "fp")
+    assert tracking.reuse_key("cluster", base, "fp") != tracking.reuse_key("cluster", base, "fp2")
+    changed = {**base, "num_clusters": (8, 64)}
+    assert tracking.reuse_key("cluster", base, "fp") != tracking.reuse_key("cluster", changed, "fp")
+    assert tracking.reuse_key("cluster", base, "fp") != tracking.reuse_key("finetune", base, "fp")
+
+
+def test_only_complete_finished_runs_are_reused(tracking_uri: str) -> None:
+    assert tracking_uri.startswith("sqlite")
+    with mlflow.start_run() as failed:
+        mlflow.set_tags({"ser.stage": "cluster", "ser.reuse_key": "k1"})
+    mlflow.MlflowClient().set_terminated(failed.info.run_id, "FAILED")
+    with mlflow.start_run():  # finished, but died before marking itself complete
+        mlflow.set_tags({"ser.stage": "cluster", "ser.reuse_key": "k1"})
+    assert tracking.find_reusable("cluster", "k1") is None
+    with mlflow.start_run() as done:
+        mlflow.set_tags({"ser.stage": "cluster", "ser.reuse_key": "k1"})
+        tracking.mark_complete(done.info.run_id)
+    found = tracking.find_reusable("cluster", "k1")
+    assert found is not None and found.info.run_id == done.info.run_id
+    assert tracking.find_reusable("cluster", "k2") is None
+    assert tracking.find_reusable("finetune", "k1") is None
+
+
+def test_resolve_input_downloads_run_artifacts(tracking_uri: str, tmp_path: Path) -> None:
+    source = tmp_path / "made"
+    (source / "fold_1").mkdir(parents=True)
+    (source / "fold_1" / "clusters.json").write_text("{}")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(source), artifact_path="out")
+    local = tracking.resolve_input(f"runs:/{run.info.run_id}/out", "clusterpath")
+    assert (Path(local) / "fold_1" / "clusters.json").read_text() == "{}"
+    assert tracking.resolve_input("plain/path", "x") == "plain/path"
+    with pytest.raises(SerInputError, match="clusterpath=runs:/0123"):
+        tracking.resolve_input("runs:/0123/out", "clusterpath")
+
+
+def test_stage_logger_never_ends_the_stage_run(tracking_uri: str) -> None:
+    with mlflow.start_run() as run:
+        logger = tracking.stage_logger(run.info.run_id, "fold_1")
+        logger.log_metrics({"loss": 1.5}, step=3)
+        logger.finalize("success")
+        assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "fold_1-loss")
+    assert [(m.value, m.step) for m in history] == [(1.5, 3)]
