@@ -16,6 +16,7 @@ from ser.errors import SerInputError
 # fairseq checkpoints hold plain containers and tensors, plus an argparse.Namespace of options
 # in the older format (wav2vec_large.pt, wav2vec_small.pt). Nothing else is needed to read them.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
 def safe_torch_load(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -27,6 +28,8 @@ def safe_torch_load(path: str | os.PathLike[str]) -> dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not _UNSAFE_GLOBAL.search(str(err)):
+            raise _not_a_checkpoint(file, err) from err
         raise SerInputError(
             f"checkpoint {file} needs objects that are not safe to unpickle "
             f"({_unsafe_global(err)}); only tensors, plain containers and argparse.Namespace are "
@@ -34,11 +37,7 @@ def safe_torch_load(path: str | os.PathLike[str]) -> dict[str, Any]:
             "torch.save({'model': model.state_dict()}, path)."
         ) from err
     except Exception as err:  # torch raises KeyError, RuntimeError, ... on non-checkpoints
-        raise SerInputError(
-            f"checkpoint {file} is not a PyTorch checkpoint ({type(err).__name__}: "
-            f"{_first_line(err)}); expected a file written by torch.save "
-            "(a fairseq .pt or a Lightning .ckpt)."
-        ) from err
+        raise _not_a_checkpoint(file, err) from err
     if not isinstance(obj, dict):
         raise SerInputError(
             f"checkpoint {file} holds a {type(obj).__name__}, expected a dict "
@@ -47,8 +46,16 @@ def safe_torch_load(path: str | os.PathLike[str]) -> dict[str, Any]:
     return obj
 
 
+def _not_a_checkpoint(file: Path, err: BaseException) -> SerInputError:
+    return SerInputError(
+        f"checkpoint {file} is not a PyTorch checkpoint ({type(err).__name__}: "
+        f"{_first_line(err)}); expected a file written by torch.save "
+        "(a fairseq .pt or a Lightning .ckpt)."
+    )
+
+
 def _unsafe_global(err: BaseException) -> str:
-    match = re.search(r"GLOBAL (\S+)", str(err))
+    match = _UNSAFE_GLOBAL.search(str(err))
     return f"global {match.group(1)}" if match else _first_line(err)
 
 

@@ -33,7 +33,9 @@ def test_arbitrary_global_is_refused(tmp_path: Path, capfd: pytest.CaptureFixtur
     assert "unpickled-code-ran" not in capfd.readouterr().out
 
 
-@pytest.mark.parametrize("content", [b"hello", b"", b"PK\x03\x04broken zip"])
+@pytest.mark.parametrize(
+    "content", [b"hello", b"", b"PK\x03\x04broken zip", b"not a checkpoint", b"\x00\x01\x02"]
+)
 def test_not_a_checkpoint(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "x.pt"
     path.write_bytes(content)

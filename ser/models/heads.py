@@ -1,0 +1,232 @@
+"""Heads on top of wav2vec models: the utterance classifier and phase 2's frame-cluster heads."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Wav2Vec2Model
+
+from ser.errors import SerInputError
+from ser.models.masking import feature_mask, time_mask
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100  # frames without a cluster label (padding, cut-off ends)
+
+
+class LinearHead(nn.Sequential):
+    """Linear -> Tanh -> Linear, the head the original uses in phase 1 and phase 2."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, out_dim))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x [B, T, D]`` over every frame where ``mask [B, T]`` is True (RECIPE defect 2:
+    the original dropped the last valid frame). A row with no valid frame gives zeros."""
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    counts = weights.sum(dim=1).clamp(min=1.0)
+    return (x * weights).sum(dim=1) / counts
+
+
+def freeze_feature_encoder(backbone: Wav2Vec2Model) -> None:
+    """Freeze the conv feature encoder and the feature projection (RECIPE: phase 2 and
+    fine-tuning train only the transformer encoder)."""
+    backbone.freeze_feature_encoder()
+    backbone.feature_projection.requires_grad_(False)
+
+
+def frozen_features(
+    backbone: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected features ``[B, T, D]`` computed without autograd, and the frame mask ``[B, T]``
+    (True on valid frames) from the sample-level ``attention_mask`` (None: all valid)."""
+    with torch.no_grad():
+        features = backbone.feature_extractor(input_values).transpose(1, 2)
+        hidden, _ = backbone.feature_projection(features)
+    if attention_mask is None:
+        frame_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    else:
+        frame_mask = backbone._get_feature_vector_attention_mask(hidden.shape[1], attention_mask)
+    return hidden, frame_mask.bool()
+
+
+def ensure_mask_embedding(backbone: Wav2Vec2Model) -> nn.Parameter:
+    """The backbone's learned mask embedding; transformers builds it only when the config's mask
+    probabilities are positive, so a model saved with both at 0 gets a fresh one here."""
+    if getattr(backbone, "masked_spec_embed", None) is None:
+        log.warning(
+            "backbone has no mask embedding (its config's mask_time_prob and mask_feature_prob "
+            "are 0); adding a freshly initialised one and setting mask_time_prob=0.05 so that "
+            "saved models load back with it"
+        )
+        backbone.masked_spec_embed = nn.Parameter(
+            torch.rand(backbone.config.hidden_size, device=backbone.device)
+        )
+        backbone.config.mask_time_prob = 0.05
+    return backbone.masked_spec_embed
+
+
+def apply_time_mask(
+    backbone: Wav2Vec2Model, hidden: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Replace the frames where ``mask [B, T]`` is True by the backbone's mask embedding."""
+    embed = ensure_mask_embedding(backbone).to(hidden.dtype)
+    return torch.where(mask.unsqueeze(-1), embed, hidden)
+
+
+class UtteranceClassifier(nn.Module):
+    """Fine-tuning model: backbone -> ReLU -> mean over valid frames -> ReLU -> Linear.
+
+    The conv feature encoder and feature projection are frozen and run without autograd; only
+    the transformer encoder, the mask embedding and the output layer train (see
+    :meth:`trainable_parameters`). In training mode SpecAugment is applied as RECIPE describes:
+    time masks on valid frames with the mask embedding, channel masks set to 0.
+
+    Padding does not change an utterance's logits in eval mode when the backbone's feature
+    encoder uses layer norm; with wav2vec2-base's group norm ("group") it does slightly,
+    because that norm's statistics run over the padded time axis (a transformers property).
+    """
+
+    def __init__(
+        self,
+        backbone: Wav2Vec2Model,
+        num_classes: int,
+        time_mask_prob: float = 0.08,
+        time_mask_span: int = 15,
+        time_min_masks: int = 2,
+        feature_mask_prob: float = 0.05,
+        feature_mask_span: int = 64,
+        feature_min_masks: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise SerInputError(f"UtteranceClassifier needs at least 2 classes, got {num_classes}")
+        self.backbone = backbone
+        freeze_feature_encoder(backbone)
+        if time_mask_prob > 0:
+            ensure_mask_embedding(backbone)
+        self.output = nn.Linear(backbone.config.hidden_size, num_classes)
+        self.time_mask = (time_mask_prob, time_mask_span, time_min_masks)
+        self.feature_mask = (feature_mask_prob, feature_mask_span, feature_min_masks)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give the optimizer (the frozen feature encoder left out)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_time_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, num_classes]``. ``mask_time_indices`` overrides the drawn time masks."""
+        hidden, frame_mask = frozen_features(self.backbone, input_values, attention_mask)
+        if mask_time_indices is None and self.training and self.time_mask[0] > 0:
+            mask_time_indices = time_mask(frame_mask.sum(1), hidden.shape[1], *self.time_mask)
+        if mask_time_indices is not None:
+            hidden = apply_time_mask(self.backbone, hidden, mask_time_indices & frame_mask)
+        if self.training and self.feature_mask[0] > 0:
+            channels = feature_mask(hidden.shape[0], hidden.shape[2], *self.feature_mask)
+            hidden = hidden.masked_fill(channels.to(hidden.device).unsqueeze(1), 0.0)
+        encoded = self.backbone.encoder(hidden, attention_mask=frame_mask).last_hidden_state
+        pooled = masked_mean(torch.relu(encoded), frame_mask)
+        return self.output(torch.relu(pooled))
+
+
+class FrameClusterHeads(nn.Module):
+    """P-TAPT phase 2: predict each masked frame's k-means cluster, one head per cluster count.
+
+    Time masks (p=0.06, span 15, at least 2, valid frames, mask embedding) are drawn in eval
+    mode too, because the loss is defined on masked frames only; no channel masking.
+    """
+
+    def __init__(
+        self,
+        backbone: Wav2Vec2Model,
+        cluster_counts: list[int],
+        head_dim: int = 256,
+        time_mask_prob: float = 0.06,
+        time_mask_span: int = 15,
+        time_min_masks: int = 2,
+    ) -> None:
+        super().__init__()
+        if not cluster_counts or min(cluster_counts) < 2:
+            raise SerInputError(
+                f"FrameClusterHeads needs cluster counts of at least 2, got {cluster_counts}"
+            )
+        self.backbone = backbone
+        freeze_feature_encoder(backbone)
+        ensure_mask_embedding(backbone)
+        self.cluster_counts = list(cluster_counts)
+        hidden = backbone.config.hidden_size
+        self.heads = nn.ModuleList(LinearHead(hidden, head_dim, k) for k in cluster_counts)
+        self.time_mask = (time_mask_prob, time_mask_span, time_min_masks)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give the optimizer (the frozen feature encoder left out)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        frame_labels: torch.Tensor,
+        mask_time_indices: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``frame_labels [B, K, F]`` (one row per cluster count, -100 = no label; F is padded
+        with -100 or cut to the model's frame count). Returns ``loss`` (sum over heads),
+        ``losses`` and ``accuracies`` (``[K]``, on the masked labelled frames) and
+        ``masked_frames`` (how many frames were masked)."""
+        if frame_labels.dim() != 3 or frame_labels.shape[1] != len(self.heads):
+            raise SerInputError(
+                f"frame_labels must be [batch, {len(self.heads)}, frames] (one row per cluster "
+                f"count {self.cluster_counts}), got shape {list(frame_labels.shape)}"
+            )
+        hidden, frame_mask = frozen_features(self.backbone, input_values, attention_mask)
+        if mask_time_indices is None:
+            mask_time_indices = time_mask(frame_mask.sum(1), hidden.shape[1], *self.time_mask)
+        masked = mask_time_indices.to(frame_mask.device) & frame_mask
+        hidden = apply_time_mask(self.backbone, hidden, masked)
+        encoded = self.backbone.encoder(hidden, attention_mask=frame_mask).last_hidden_state
+        encoded = torch.relu(encoded)
+        labels = _fit_frames(frame_labels.to(encoded.device), encoded.shape[1])
+        losses, accuracies = [], []
+        for k, head in enumerate(self.heads):
+            target = labels[:, k].masked_fill(~masked, IGNORE_INDEX)
+            loss, accuracy = _masked_cross_entropy(head(encoded), target)
+            losses.append(loss)
+            accuracies.append(accuracy)
+        stacked = torch.stack(losses)
+        return {
+            "loss": stacked.sum(),
+            "losses": stacked.detach(),
+            "accuracies": torch.stack(accuracies),
+            "masked_frames": masked.sum(),
+        }
+
+
+def _fit_frames(labels: torch.Tensor, frames: int) -> torch.Tensor:
+    """Cut ``labels [B, K, F]`` to ``frames`` or pad them with IGNORE_INDEX."""
+    if labels.shape[2] >= frames:
+        return labels[:, :, :frames].long()
+    pad = labels.new_full((*labels.shape[:2], frames - labels.shape[2]), IGNORE_INDEX)
+    return torch.cat([labels, pad], dim=2).long()
+
+
+def _masked_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy over frames whose target is not IGNORE_INDEX; zero loss
+    (still attached to the graph) when there is none."""
+    flat_logits, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    valid = flat_target != IGNORE_INDEX
+    if not bool(valid.any()):
+        zero = flat_logits.sum() * 0.0
+        return zero, zero.detach()
+    loss = F.cross_entropy(flat_logits, flat_target, ignore_index=IGNORE_INDEX)
+    with torch.no_grad():
+        correct = (flat_logits[valid].argmax(-1) == flat_target[valid]).float().mean()
+    return loss, correct
