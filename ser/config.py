@@ -128,3 +128,12 @@ class Phase2Config(TrainingConfig):
     warmup_step: int = 20  # the paper: 100
     mask_time_prob: float = 0.06
     checkpoint_every: int = 100
+
+
+@dataclass
+class CompareConfig:
+    """A table and a bar chart comparing finished method runs (V-FT, TAPT, P-TAPT)."""
+
+    runs: str = ""  # comma-separated run ids; empty: the newest finished run of each method
+    experiment_name: str = ""  # where to look when runs is empty; empty: every experiment
+    output_dir: str = "outputs/compare"
