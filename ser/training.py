@@ -57,6 +57,23 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+class _Checkpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` follows every validation, not only a new best.
+
+    Lightning refreshes ``last.ckpt`` only when it writes a top-k file, so with a monitored
+    metric a resumed run would restart from the last *best* validation instead of the last one.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (
+            self.monitor is not None
+            and not self._should_skip_saving_checkpoint(trainer)  # skips when just saved
+            and not self._should_save_on_train_epoch_end(trainer)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def build_trainer(
     config: TrainingConfig,
     output_dir: Path,
@@ -69,9 +86,15 @@ def build_trainer(
     logger: Any = False,
     callbacks: Sequence[Callback] = (),
     enable_validation: bool = True,
+    val_check_interval: int | None = None,
 ) -> pl.Trainer:
-    """A Trainer that checkpoints into ``output_dir/checkpoints`` (best ``save_top_k`` and last)."""
-    checkpoint = ModelCheckpoint(
+    """A Trainer that checkpoints into ``output_dir/checkpoints`` (best ``save_top_k`` and last).
+
+    ``val_check_interval``: validate every that many training batches, counted across epochs
+    (step-based stages); None: once per epoch. Pair it with ``every_n_train_steps=None`` and a
+    ``monitor``, so checkpoints are written after each validation, with its fresh metric.
+    """
+    checkpoint = _Checkpoint(
         dirpath=output_dir / CHECKPOINT_DIR,
         filename="{epoch}-{step}",
         monitor=monitor,
@@ -92,7 +115,11 @@ def build_trainer(
         logger=logger,
         default_root_dir=output_dir,
         limit_val_batches=None if enable_validation else 0,
+        val_check_interval=val_check_interval,
+        check_val_every_n_epoch=None if val_check_interval else 1,
         num_sanity_val_steps=0,
+        # Our BucketBatchSampler shards batches across ranks itself (equal counts per rank).
+        use_distributed_sampler=False,
         log_every_n_steps=1,
         deterministic=False,
         enable_model_summary=False,
