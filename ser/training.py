@@ -66,11 +66,18 @@ class _Checkpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if (
-            self.monitor is not None
-            and not self._should_skip_saving_checkpoint(trainer)  # skips when just saved
-            and not self._should_save_on_train_epoch_end(trainer)
-        ):
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Once-per-epoch validation saves here, not at validation end.
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        if self.monitor is not None and not self._should_skip_saving_checkpoint(trainer):
+            # (the skip check is true right after a save at this step)
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
