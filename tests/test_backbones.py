@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -319,3 +320,12 @@ def test_checkpoint_with_two_backbones_is_refused(tmp_path: Path) -> None:
 def test_describe_backbone_names_source_and_size() -> None:
     text = describe_backbone("tiny", load_backbone("tiny"))
     assert "preset 'tiny'" in text and "2 layers" in text and "hidden 64" in text
+
+
+def test_saved_backbone_directory_is_readable_by_others(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        target = save_backbone(load_backbone("tiny"), tmp_path / "bb")
+    finally:
+        os.umask(previous)
+    assert target.stat().st_mode & 0o777 == 0o755

@@ -68,3 +68,12 @@ def test_atomic_path_keeps_old_content_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("killed")
     assert target.read_text().strip() == '{\n  "ua": 1\n}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "summary.json", {})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644

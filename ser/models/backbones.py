@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
-from ser.atomic import atomic_write_json
+from ser.atomic import atomic_write_json, current_umask
 from ser.checkpoints import safe_torch_load
 from ser.errors import SerInputError
 from ser.models.fairseq_import import (
@@ -191,6 +191,7 @@ def save_backbone(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(staging)
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it owner-only
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             target.rename(old / target.name)
