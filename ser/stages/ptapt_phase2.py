@@ -92,9 +92,13 @@ class ClusterLabels:
 
 def cluster_file(clusterpath: str, fold: LabelFile) -> Path:
     """The merged cluster-label file for ``fold``: ``clusterpath`` itself, or
-    ``clusterpath[/<fold>]/clusters.json`` when it is a folder."""
+    ``clusterpath[/<fold>][/clusters]/clusters.json`` when it is a folder (the clustering
+    stage's output directory, or its ``runs:/<id>/clusters`` artifact)."""
     path = Path(common.fold_input(clusterpath, fold))
-    return path / CLUSTERS_JSON if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    nested = path / "clusters" / CLUSTERS_JSON
+    return nested if nested.is_file() else path / CLUSTERS_JSON
 
 
 def read_cluster_labels(
@@ -110,7 +114,7 @@ def read_cluster_labels(
     if not path.is_file():
         raise SerInputError(
             f"cluster labels {path} do not exist; pass as clusterpath the clustering stage's "
-            f"output directory (with <fold>/{CLUSTERS_JSON}) or one merged label file"
+            f"output directory (with <fold>/clusters/{CLUSTERS_JSON}) or one merged label file"
         )
     raw = _load_json(path)
     if not isinstance(raw, dict) or not raw:

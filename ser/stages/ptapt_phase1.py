@@ -1,0 +1,531 @@
+"""P-TAPT phase 1: train the wav2vec 1.0 emotion model whose frame features clustering labels.
+
+Per fold, only the fold's Train split is used: it is split at random (seeded) into a training
+part and a validation part (``valid_fraction``, 10 % as in the original); the fold's own Val and
+Test splits are never read. The model (:class:`~ser.models.emotion_w2v1.EmotionWav2Vec1`) learns
+each utterance's emotion from the utterance and from every frame, with cross-entropy weighted by
+the inverse class frequency of the training part. Validation runs every ``checkpoint_every``
+optimizer steps and once more at the last step; the checkpoint with the lowest ``valid_loss`` is
+the output, written to ``output_dir/<fold>/w2v1/`` by :func:`save_emotion_w2v1` so that the
+clustering stage rebuilds it with one call to :func:`load_emotion_w2v1`.
+
+Outputs per fold (besides ``checkpoints/``): ``split.json`` (the two parts, for the record) and
+``w2v1/`` (``config.json``: model structure, classes and training summary; ``model.pt``).
+
+Departures from the original
+----------------------------
+- Batches are grouped by length (``BucketBatchSampler``, fixed ``batch_size``), then cropped, as
+  the original does, to their shortest item at a random offset per item. Cropping keeps padding
+  out of wav2vec 1.0's GroupNorm, which normalises over the whole input (padding would change
+  every feature); bucketing keeps the crop from throwing away most of a batch when one short
+  clip lands among long ones, which random batches do. Our masking handles clips shorter than a
+  mask span (RECIPE defect 5), so a short batch no longer crashes.
+- Clips that give no 20 ms frame (under 945 samples for wav2vec_large's structure) are left out
+  with a warning: the model cannot read them.
+- Validation reads whole utterances one at a time (no padding, no crop, no masking), and
+  ``valid_loss`` is their class-weighted mean (the training loss's weighting), so the best
+  checkpoint does not depend on batch composition. Validation also runs at the last step, so the
+  final weights compete for "best" too.
+- Seeds: the 90/10 split, the batch order, the crops and the initialisation are all seeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import Logger
+from torch.utils.data import DataLoader
+
+from ser.atomic import atomic_path, atomic_write_json
+from ser.audio import check_audio_files
+from ser.checkpoints import safe_torch_load
+from ser.config import SAMPLE_RATE, Phase1Config
+from ser.data.datasets import UtteranceDataset, collate_utterances
+from ser.data.labels import LabelFile
+from ser.data.sampling import BucketBatchSampler
+from ser.errors import SerInputError
+from ser.models.emotion_w2v1 import EmotionWav2Vec1, w2v1_frames_20ms
+from ser.models.wav2vec1 import (
+    PRESETS,
+    Wav2Vec1Config,
+    Wav2Vec1Model,
+    load_state_dict_strict,
+    load_wav2vec1,
+    receptive_field,
+)
+from ser.schedule import warmup_flat_decay
+from ser.stages import common
+from ser.training import best_checkpoint, build_trainer, fit, stage_output_dir
+
+log = logging.getLogger(__name__)
+
+STAGE = "ptapt_phase1"
+MODEL_DIR = "w2v1"
+SPLIT_FILE = "split.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pt"
+_SAVE_FORMAT = "ser-emotion-wav2vec1"
+_NUM_BUCKETS = 50
+
+LoggerFactory = Callable[[str], "Logger | bool"]
+
+
+@dataclass
+class Phase1Result:
+    """Where each fold's model went, and how its training ended."""
+
+    output_dir: Path
+    model_dirs: dict[str, Path]  # fold -> output_dir/<fold>/w2v1
+    best_valid_loss: dict[str, float]
+    global_step: dict[str, int]
+
+
+# --- saving and loading the trained model ----------------------------------------------------
+
+
+def save_emotion_w2v1(
+    model: EmotionWav2Vec1,
+    directory: str | os.PathLike[str],
+    classes: Sequence[str],
+    training: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model.pt`` then ``config.json`` (each atomically) for :func:`load_emotion_w2v1`.
+
+    ``config.json`` is written last: its presence means the directory is complete.
+    ``training`` (optional) is a summary kept in the config for the record.
+    """
+    if len(classes) != model.num_classes:
+        raise SerInputError(
+            f"{len(classes)} class names given for a model with {model.num_classes} classes"
+        )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        torch.save(state, tmp)
+    atomic_write_json(
+        out / CONFIG_FILE,
+        {
+            "format": _SAVE_FORMAT,
+            "version": 1,
+            "wav2vec1": model.wav2vec1.config.to_json_dict(),
+            "classes": list(classes),
+            "model": _model_options(model),
+            "training": dict(training or {}),
+        },
+    )
+    return out
+
+
+def load_emotion_w2v1(directory: str | os.PathLike[str]) -> tuple[EmotionWav2Vec1, list[str]]:
+    """The model saved by :func:`save_emotion_w2v1` (in eval mode) and its class names."""
+    meta = read_emotion_w2v1_config(directory)
+    config_path = Path(directory) / CONFIG_FILE
+    config = Wav2Vec1Config.from_json_dict(meta["wav2vec1"], str(config_path))
+    options = meta["model"]
+    model = EmotionWav2Vec1(Wav2Vec1Model(config), len(meta["classes"]), **options)
+    weights = Path(directory) / WEIGHTS_FILE
+    load_state_dict_strict(model, safe_torch_load(weights), weights)
+    return model.eval(), list(meta["classes"])
+
+
+def read_emotion_w2v1_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated ``config.json`` of a saved phase-1 model directory."""
+    folder = Path(directory)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise SerInputError(
+            f"{folder} is not a saved phase-1 model: it lacks {CONFIG_FILE} or {WEIGHTS_FILE}; "
+            f"pass the {MODEL_DIR}/ folder (or the output_dir) of a finished phase-1 run"
+        )
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SerInputError(f"{config_path} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != _SAVE_FORMAT:
+        raise SerInputError(
+            f'{config_path} is not a phase-1 model config (expected "format": "{_SAVE_FORMAT}")'
+        )
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise SerInputError(f"{config_path}: 'classes' must list at least two class names")
+    for key in ("wav2vec1", "model"):
+        if not isinstance(meta.get(key), dict):
+            raise SerInputError(f"{config_path}: field {key!r} must be an object")
+    return meta
+
+
+def _model_options(model: EmotionWav2Vec1) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model`` (besides the backbone and classes)."""
+    return {
+        "head_hidden": model.frame_head[0].out_features,
+        "lstm_hidden": model.lstm.hidden_size,
+        "time_mask_prob": model.time_mask_prob,
+        "time_mask_span": model.time_mask_span,
+        "time_min_masks": model.time_min_masks,
+        "feature_mask_prob": model.feature_mask_prob,
+        "feature_mask_span": model.feature_mask_span,
+        "feature_min_masks": model.feature_min_masks,
+    }
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def split_train(
+    items: Mapping[str, str], valid_fraction: float, seed: int
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A seeded random split of a fold's Train items into (train, validation) parts.
+
+    Items are sorted by name first, so the split does not depend on the label file's order. The
+    validation part gets ``round(valid_fraction * n)`` items, at least one; the training part at
+    least one.
+    """
+    names = sorted(items)
+    if len(names) < 2:
+        raise SerInputError(
+            f"the Train split has {len(names)} usable file(s); phase 1 needs at least 2 to hold "
+            "one out for validation"
+        )
+    num_valid = min(max(round(valid_fraction * len(names)), 1), len(names) - 1)
+    order = np.random.default_rng(seed).permutation(len(names))
+    valid = {names[i] for i in order[:num_valid].tolist()}
+    train = {name: items[name] for name in names if name not in valid}
+    return train, {name: items[name] for name in names if name in valid}
+
+
+def class_weights(labels: Sequence[str], classes: Sequence[str], where: str) -> torch.Tensor:
+    """Inverse class frequency ``N / n_c``, normalised to sum to 1 (RECIPE "Fine-tuning")."""
+    counts = np.array([sum(1 for label in labels if label == c) for c in classes], dtype=float)
+    missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if missing:
+        raise SerInputError(
+            f"{where} has no utterance of class(es) {missing}; add some, pass --classes without "
+            "them, or change --seed / --valid_fraction so the random split keeps each class"
+        )
+    weights = len(labels) / counts
+    return torch.tensor(weights / weights.sum(), dtype=torch.float32)
+
+
+def crop_to_shortest(
+    wav: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator
+) -> torch.Tensor:
+    """Cut every row of a padded batch to the batch's shortest item, at a random offset per row
+    inside that row's own samples (so the result holds no padding)."""
+    target = int(lengths.min())
+    rows = [
+        wav[i, start : start + target]
+        for i, start in enumerate(int(rng.integers(0, n - target + 1)) for n in lengths.tolist())
+    ]
+    return torch.stack(rows)
+
+
+def min_samples(config: Wav2Vec1Config) -> int:
+    """The shortest clip (in samples) from which the phase-1 model gets one 20 ms frame."""
+    samples = receptive_field(config.conv_feature_layers)
+    while w2v1_frames_20ms(samples, config) < 1:
+        samples += 1
+    return samples
+
+
+def _usable(
+    items: Mapping[str, str], samples: Mapping[str, int], min_samples: int
+) -> dict[str, str]:
+    return {name: label for name, label in items.items() if samples[name] >= min_samples}
+
+
+# --- the LightningModule ---------------------------------------------------------------------
+
+
+class Phase1Module(pl.LightningModule):
+    """Trains :class:`EmotionWav2Vec1`; logs ``train_loss`` per step and ``valid_loss``."""
+
+    def __init__(
+        self,
+        model: EmotionWav2Vec1,
+        weights: torch.Tensor,
+        *,
+        lr: float,
+        warmup_steps: int,
+        total_steps: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_weights", weights.clone())
+        self.lr = lr
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.seed = seed
+        self._valid: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning never calls the dataset's set_epoch; without it every epoch repeats its crops.
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Seeded by the step, so a resumed run crops as the uninterrupted one would.
+        rng = np.random.default_rng([self.seed, self.global_step, batch_idx])
+        wav = crop_to_shortest(batch["input_values"], batch["lengths"], rng)
+        outputs = self.model(wav)
+        loss = self.model.loss(outputs, batch["labels"], self.class_weights)
+        self.log("train_loss", loss, batch_size=wav.size(0), prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Stopping "early" at max_steps makes Lightning validate (and checkpoint) the last step.
+        if self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
+    def on_validation_epoch_start(self) -> None:
+        self._valid = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        for i in range(batch["input_values"].size(0)):  # one at a time: no padding in GroupNorm
+            n = int(batch["lengths"][i])
+            outputs = self.model(batch["input_values"][i : i + 1, :n])
+            label = batch["labels"][i : i + 1]
+            self._valid.append((self.model.loss(outputs, label), self.class_weights[label[0]]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._valid:
+            return
+        losses, weights = (torch.stack(values) for values in zip(*self._valid, strict=True))
+        self.log("valid_loss", (losses * weights).sum() / weights.sum(), prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Only trainable parameters: the frozen feature extractor is never optimised.
+        optimizer = torch.optim.Adam(self.model.trainable_parameters(), lr=self.lr)
+        scheduler = warmup_flat_decay(optimizer, self.warmup_steps, self.total_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+@dataclass
+class _FoldPlan:
+    fold: LabelFile
+    train: dict[str, str]
+    valid: dict[str, str]
+    weights: torch.Tensor
+
+
+def run(
+    config: Phase1Config,
+    *,
+    logger_factory: LoggerFactory | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> Phase1Result:
+    """Train one phase-1 model per fold; see the module docstring.
+
+    ``callbacks`` are added to every fold's Trainer (e.g. for monitoring).
+    """
+    _check_parameters(config)
+    folds = common.load_folds(config)
+    classes = common.resolve_classes(config, folds)
+    common.seed_everything(config.seed)  # a preset's random weights too
+    base = load_wav2vec1(config.w2v1)
+    samples = _samples(config, folds)
+    shortest = min_samples(base.config)
+    plans = [_plan_fold(config, fold, classes, samples, shortest) for fold in folds]
+    output_dir = stage_output_dir(config, STAGE)
+    common.save_config(config, output_dir, classes=classes)
+
+    result = Phase1Result(output_dir, {}, {}, {})
+    for plan in plans:
+        model_dir, summary = _run_fold(
+            config, plan, base, classes, samples, output_dir, logger_factory, callbacks
+        )
+        result.model_dirs[plan.fold.name] = model_dir
+        result.best_valid_loss[plan.fold.name] = float(summary["best_valid_loss"])
+        result.global_step[plan.fold.name] = int(summary["global_step"])
+    log.info(
+        "phase 1 done: %d fold model(s) in %s (best valid_loss %s)",
+        len(plans),
+        output_dir,
+        {name: round(loss, 4) for name, loss in result.best_valid_loss.items()},
+    )
+    return result
+
+
+def _check_parameters(config: Phase1Config) -> None:
+    for name in ("training_step", "batch_size", "checkpoint_every", "lr", "maxseqlen"):
+        common.positive(name, getattr(config, name))
+    if not 0.0 < config.valid_fraction < 1.0:
+        raise SerInputError(
+            f"valid_fraction={config.valid_fraction} must be between 0 and 1 (exclusive): the "
+            "share of each fold's Train split held out for validation (the paper: 0.1)"
+        )
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise SerInputError(
+            f"warmup_fraction={config.warmup_fraction} must be in [0, 1): the share of "
+            "training_step spent warming up the learning rate (the paper: 0.05)"
+        )
+    if config.seed < 0:
+        raise SerInputError(f"seed={config.seed} must be >= 0")
+    if config.w2v1 not in PRESETS and not Path(config.w2v1).exists():
+        raise SerInputError(
+            f"w2v1={config.w2v1!r}: no such file or directory and not a preset "
+            f"({', '.join(sorted(PRESETS))}); pass wav2vec_large.pt or a preset name"
+        )
+
+
+def _samples(config: Phase1Config, folds: list[LabelFile]) -> dict[str, int]:
+    names = sorted({name for fold in folds for name in fold.train})
+    found = check_audio_files([Path(config.datadir) / n for n in names], downmix=config.downmix)
+    return {name: found[str(Path(config.datadir) / name)] for name in names}
+
+
+def _plan_fold(
+    config: Phase1Config,
+    fold: LabelFile,
+    classes: list[str],
+    samples: Mapping[str, int],
+    shortest: int,
+) -> _FoldPlan:
+    """Split and weights of one fold, checked before any fold trains."""
+    usable = _usable(fold.train, samples, shortest)
+    dropped = sorted(set(fold.train) - set(usable))
+    if dropped:
+        log.warning(
+            "%s: leaving out %d Train clip(s) shorter than %d samples, which give no 20 ms frame "
+            "(e.g. %s); remove them from the label file to silence this",
+            fold.path,
+            len(dropped),
+            shortest,
+            dropped[:3],
+        )
+    try:
+        train, valid = split_train(usable, config.valid_fraction, config.seed)
+    except SerInputError as err:
+        raise SerInputError(f"{fold.path}: {err}") from err
+    weights = class_weights(list(train.values()), classes, f"the training part of {fold.path}")
+    return _FoldPlan(fold, train, valid, weights)
+
+
+def _run_fold(
+    config: Phase1Config,
+    plan: _FoldPlan,
+    base: Wav2Vec1Model,
+    classes: list[str],
+    samples: Mapping[str, int],
+    output_dir: Path,
+    logger_factory: LoggerFactory | None,
+    callbacks: Sequence[Callback],
+) -> tuple[Path, dict[str, Any]]:
+    fold_dir = output_dir / plan.fold.name
+    model_dir = fold_dir / MODEL_DIR
+    if (model_dir / CONFIG_FILE).is_file():
+        summary = read_emotion_w2v1_config(model_dir)["training"]
+        log.info("%s: phase-1 model already in %s; skipping the fold", plan.fold.name, model_dir)
+        return model_dir, summary
+    atomic_write_json(
+        fold_dir / SPLIT_FILE, {"train": sorted(plan.train), "valid": sorted(plan.valid)}
+    )
+    common.seed_everything(config.seed)
+    model = EmotionWav2Vec1(copy.deepcopy(base), len(classes))
+    module = Phase1Module(
+        model,
+        plan.weights,
+        lr=config.lr,
+        warmup_steps=int(config.warmup_fraction * config.training_step),
+        total_steps=config.training_step,
+        seed=config.seed,
+    )
+    trainer = build_trainer(
+        config,
+        fold_dir,
+        max_steps=config.training_step,
+        monitor="valid_loss",
+        mode="min",
+        every_n_train_steps=None,  # checkpoints follow each validation, with its fresh loss
+        val_check_interval=config.checkpoint_every * config.accumulate_grad_batches,
+        logger=logger_factory(plan.fold.name) if logger_factory else False,
+        callbacks=callbacks,
+    )
+    train_loader, valid_loader = _loaders(config, plan, classes, samples)
+    fit(trainer, module, fold_dir, train_dataloaders=train_loader, val_dataloaders=valid_loader)
+
+    best = best_checkpoint(trainer)
+    if best is None or not best.is_file():
+        raise RuntimeError(f"{fold_dir}: training ended without a validated checkpoint")
+    checkpoint = safe_torch_load(best)
+    prefix = "model."
+    state = {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
+    model.load_state_dict(state)
+    summary = {
+        "best_checkpoint": best.name,
+        "best_valid_loss": float(trainer.checkpoint_callback.best_model_score),
+        "best_step": int(checkpoint["global_step"]),
+        "global_step": int(trainer.global_step),
+        "train_files": len(plan.train),
+        "valid_files": len(plan.valid),
+    }
+    save_emotion_w2v1(model, model_dir, classes, training=summary)
+    log.info(
+        "%s: phase-1 model from step %d (valid_loss %.4f) written to %s",
+        plan.fold.name,
+        summary["best_step"],
+        summary["best_valid_loss"],
+        model_dir,
+    )
+    return model_dir, summary
+
+
+def _loaders(
+    config: Phase1Config,
+    plan: _FoldPlan,
+    classes: list[str],
+    samples: Mapping[str, int],
+) -> tuple[DataLoader, DataLoader]:
+    max_samples = int(config.maxseqlen * SAMPLE_RATE)
+    train = UtteranceDataset(
+        config.datadir,
+        plan.train,
+        classes,
+        max_samples=max_samples,
+        train=True,
+        seed=config.seed,
+        downmix=config.downmix,
+        lengths=samples,
+    )
+    sampler = BucketBatchSampler(
+        train.lengths,
+        batch_size=config.batch_size,
+        num_buckets=_NUM_BUCKETS,
+        max_len=max_samples,
+        seed=config.seed,
+    )
+    valid = UtteranceDataset(
+        config.datadir, plan.valid, classes, downmix=config.downmix, lengths=samples
+    )
+    return (
+        DataLoader(
+            train,
+            batch_sampler=sampler,
+            collate_fn=collate_utterances,
+            num_workers=config.num_workers,
+        ),
+        DataLoader(
+            valid, batch_size=1, collate_fn=collate_utterances, num_workers=config.num_workers
+        ),
+    )
