@@ -1,8 +1,7 @@
-"""MLproject entry point `demo_corpus`: parse parameters and call ser."""
+"""MLproject entry point `demo_corpus` (parameters: ser.config.DemoCorpusConfig)."""
 
 import sys
 
-from ser.cli import demo_corpus_main
+from ser.cli import entry_main
 
-if __name__ == "__main__":
-    sys.exit(demo_corpus_main())
+sys.exit(entry_main("demo_corpus"))

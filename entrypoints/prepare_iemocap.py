@@ -1,8 +1,7 @@
-"""MLproject entry point `prepare_iemocap`: parse parameters and call ser."""
+"""MLproject entry point `prepare_iemocap` (parameters: ser.config.PrepareIemocapConfig)."""
 
 import sys
 
-from ser.cli import prepare_iemocap_main
+from ser.cli import entry_main
 
-if __name__ == "__main__":
-    sys.exit(prepare_iemocap_main())
+sys.exit(entry_main("prepare_iemocap"))

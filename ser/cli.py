@@ -13,9 +13,19 @@ import logging
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ser.config import DemoCorpusConfig, PrepareIemocapConfig
+from ser.config import (
+    STAGE_ENTRY_POINTS,
+    CompareConfig,
+    DemoCorpusConfig,
+    MethodConfig,
+    PrepareIemocapConfig,
+    PtaptMethodConfig,
+    TaptMethodConfig,
+    with_tracking,
+)
 from ser.errors import SerInputError
 
 ConfigT = TypeVar("ConfigT")
@@ -85,6 +95,7 @@ def parse_config(
 def run_cli(job: Callable[[], object]) -> int:
     """Run ``job``; a :class:`SerInputError` becomes one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # lists CPU variants it skips
     try:
         job()
     except SerInputError as err:
@@ -93,21 +104,93 @@ def run_cli(job: Callable[[], object]) -> int:
     return 0
 
 
-def demo_corpus_main(argv: Sequence[str] | None = None) -> int:
+@dataclass(frozen=True)
+class EntryPoint:
+    """One MLproject entry point: its parameters (a config dataclass) and what it runs."""
+
+    config_cls: type[Any]
+    job: Callable[[Any], object]
+    description: str
+
+
+def _demo_corpus(config: DemoCorpusConfig) -> object:
     from ser.data.synthetic import generate_corpus
 
-    config = parse_config(
-        DemoCorpusConfig, argv, "Generate the built-in synthetic emotional speech corpus."
-    )
-    return run_cli(lambda: generate_corpus(config))
+    return generate_corpus(config)
+
+
+def _prepare_iemocap(config: PrepareIemocapConfig) -> object:
+    from ser.data.iemocap import prepare_iemocap
+
+    return prepare_iemocap(config)
+
+
+def _compare(config: CompareConfig) -> object:
+    from ser.compare import compare
+
+    return compare(config)
+
+
+def _stage_job(name: str) -> Callable[[Any], object]:
+    def job(config: Any) -> object:
+        from ser.pipelines import STAGES, execute_stage
+
+        fields = {f.name for f in dataclasses.fields(STAGES[name].config_cls)}
+        stage_config = STAGES[name].config_cls(
+            **{k: v for k, v in dataclasses.asdict(config).items() if k in fields}
+        )
+        return execute_stage(
+            name, stage_config, force=config.force, register_as=getattr(config, "register_as", "")
+        )
+
+    return job
+
+
+def _method_job(name: str) -> Callable[[Any], object]:
+    def job(config: Any) -> object:
+        from ser.pipelines import METHODS
+
+        return METHODS[name][1](config)
+
+    return job
+
+
+ENTRY_POINTS: dict[str, EntryPoint] = {
+    "demo_corpus": EntryPoint(
+        DemoCorpusConfig, _demo_corpus, "Generate the built-in synthetic emotional speech corpus."
+    ),
+    "prepare_iemocap": EntryPoint(
+        PrepareIemocapConfig,
+        _prepare_iemocap,
+        "Convert an IEMOCAP_full_release directory into 16 kHz wavs and session-wise label files.",
+    ),
+    **{
+        name: EntryPoint(with_tracking(cls), _stage_job(name), description)
+        for name, cls, description in STAGE_ENTRY_POINTS
+    },
+    "vft": EntryPoint(MethodConfig, _method_job("vft"), "V-FT: fine-tune wav2vec 2.0."),
+    "tapt": EntryPoint(
+        TaptMethodConfig, _method_job("tapt"), "TAPT: continued pretraining, then fine-tuning."
+    ),
+    "ptapt": EntryPoint(
+        PtaptMethodConfig,
+        _method_job("ptapt"),
+        "P-TAPT: wav2vec 1.0 emotion model, k-means pseudo-labels, wav2vec 2.0, fine-tuning.",
+    ),
+    "compare": EntryPoint(CompareConfig, _compare, "Compare finished method runs."),
+}
+
+
+def entry_main(name: str, argv: Sequence[str] | None = None) -> int:
+    """Parse the entry point's parameters and run it; input errors exit 2 with one line."""
+    entry = ENTRY_POINTS[name]
+    config = parse_config(entry.config_cls, argv, entry.description)
+    return run_cli(lambda: entry.job(config))
+
+
+def demo_corpus_main(argv: Sequence[str] | None = None) -> int:
+    return entry_main("demo_corpus", argv)
 
 
 def prepare_iemocap_main(argv: Sequence[str] | None = None) -> int:
-    from ser.data.iemocap import prepare_iemocap
-
-    config = parse_config(
-        PrepareIemocapConfig,
-        argv,
-        "Convert an IEMOCAP_full_release directory into 16 kHz wavs and session-wise label files.",
-    )
-    return run_cli(lambda: prepare_iemocap(config))
+    return entry_main("prepare_iemocap", argv)

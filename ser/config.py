@@ -6,7 +6,8 @@ defaults from these classes, so a default changed here changes everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any
 
 SAMPLE_RATE = 16_000
 EMOTIONS_4 = ("anger", "happy", "neutral", "sad")
@@ -63,9 +64,9 @@ class FinetuneConfig(TrainingConfig):
 
     backbone: str = "tiny"  # preset, HF directory or hub name, fairseq .pt, or our checkpoint
     pretrained_path: str = ""  # an earlier stage's backbone (path or runs:/ URI): wins over it
-    classes: str = ""  # comma-separated; empty: the sorted labels of the first fold file
-    lr: float = 1e-4
-    batch_size: int = 64
+    classes: str = ""  # comma-separated; empty: the sorted labels of every fold file
+    lr: float = 1e-3  # the paper: 1e-4 (pretrained base); the tiny demo model needs more
+    batch_size: int = 16  # the paper: 64; smaller gives the 96-file demo folds more steps
     max_epochs: int = 15
     num_exps: int = 1  # repeats per fold, differing by seed
     mask_time_prob: float = 0.08
@@ -78,7 +79,7 @@ class TaptConfig(TrainingConfig):
 
     backbone: str = "tiny"
     lr: float = 1e-4
-    batch_size: int = 64  # sets the dynamic batch: 250 s of audio per 64 utterances
+    batch_size: int = 16  # sets the dynamic batch: 250 s of audio per 64; the paper: 64
     training_step: int = 200  # the paper: 20000 (IEMOCAP)
     warmup_step: int = 20  # the paper: 100
     gradient_clip_val: float = 1.0  # departs from the original: keeps mixed precision NaN-free
@@ -123,7 +124,7 @@ class Phase2Config(TrainingConfig):
     backbone: str = "tiny"
     clusterpath: str = ""  # the merged cluster-label JSON (path or runs:/ URI)
     lr: float = 1e-4
-    batch_size: int = 64
+    batch_size: int = 16  # sets the dynamic batch as in TaptConfig; the paper: 64
     training_step: int = 200  # the paper: 20000
     warmup_step: int = 20  # the paper: 100
     mask_time_prob: float = 0.06
@@ -137,3 +138,74 @@ class CompareConfig:
     runs: str = ""  # comma-separated run ids; empty: the newest finished run of each method
     experiment_name: str = ""  # where to look when runs is empty; empty: every experiment
     output_dir: str = "outputs/compare"
+
+
+@dataclass
+class MethodConfig:
+    """V-FT: fine-tuning alone. What every method shares: data, fine-tuning, tracking.
+
+    Defaults are read off the stage configs, so a stage default changed there changes here.
+    """
+
+    datadir: str = TrainingConfig.datadir
+    labeldir: str = TrainingConfig.labeldir
+    labelpath: str = TrainingConfig.labelpath
+    output_root: str = "outputs"  # each stage writes to <output_root>/<stage>/<reuse key>
+    seed: int = TrainingConfig.seed
+    precision: str = TrainingConfig.precision
+    num_workers: int = TrainingConfig.num_workers
+    accelerator: str = TrainingConfig.accelerator
+    devices: str = TrainingConfig.devices
+    downmix: bool = TrainingConfig.downmix
+    maxseqlen: float = TrainingConfig.maxseqlen
+    backbone: str = FinetuneConfig.backbone
+    classes: str = FinetuneConfig.classes
+    lr: float = FinetuneConfig.lr  # fine-tuning
+    batch_size: int = FinetuneConfig.batch_size  # fine-tuning
+    max_epochs: int = FinetuneConfig.max_epochs
+    num_exps: int = FinetuneConfig.num_exps
+    force: bool = False  # recompute stages even when a finished identical run exists
+    register_as: str = ""  # register the fine-tuned model under this name in the registry
+
+
+@dataclass
+class TaptMethodConfig(MethodConfig):
+    """TAPT: continued wav2vec 2.0 pretraining on each fold's Train audio, then fine-tuning."""
+
+    pretrain_lr: float = TaptConfig.lr
+    pretrain_batch_size: int = TaptConfig.batch_size
+    training_step: int = TaptConfig.training_step
+    warmup_step: int = TaptConfig.warmup_step
+
+
+@dataclass
+class PtaptMethodConfig(MethodConfig):
+    """P-TAPT: wav2vec 1.0 emotion model -> k-means pseudo-labels -> wav2vec 2.0 -> fine-tuning."""
+
+    w2v1: str = Phase1Config.w2v1
+    w2v1_training_step: int = Phase1Config.training_step
+    num_clusters: tuple[int, ...] = ClusterConfig.num_clusters
+    sample_ratio: float = ClusterConfig.sample_ratio
+    pretrain_lr: float = Phase2Config.lr
+    pretrain_batch_size: int = Phase2Config.batch_size
+    training_step: int = Phase2Config.training_step
+    warmup_step: int = Phase2Config.warmup_step
+
+
+def with_tracking(config_cls: type[Any]) -> type[Any]:
+    """A stage's config plus what its standalone entry point adds: ``force`` (and, for
+    fine-tuning, ``register_as``), which change tracking, not results."""
+    extra: list[tuple[str, type, Any]] = [("force", bool, field(default=False))]
+    if config_cls is FinetuneConfig:
+        extra.append(("register_as", str, field(default="")))
+    return make_dataclass(f"{config_cls.__name__}Entry", extra, bases=(config_cls,))
+
+
+# The stage entry points of MLproject: name, config, description.
+STAGE_ENTRY_POINTS: tuple[tuple[str, type[Any], str], ...] = (
+    ("pretrain_w2v1", Phase1Config, "P-TAPT phase 1: train the wav2vec 1.0 emotion model."),
+    ("cluster", ClusterConfig, "P-TAPT: k-means pseudo-labels from phase-1 frame features."),
+    ("pretrain_w2v2", Phase2Config, "P-TAPT phase 2: wav2vec 2.0 on frame pseudo-labels."),
+    ("tapt_pretrain", TaptConfig, "TAPT: continued wav2vec 2.0 pretraining on Train audio."),
+    ("finetune", FinetuneConfig, "Fine-tune wav2vec 2.0 on emotion labels (all folds)."),
+)

@@ -11,13 +11,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ser.config import DemoCorpusConfig, PrepareIemocapConfig
+from ser.cli import ENTRY_POINTS as _ENTRIES
 
-# entry point -> (config class, script under entrypoints/)
-ENTRY_POINTS: dict[str, type[Any]] = {
-    "demo_corpus": DemoCorpusConfig,
-    "prepare_iemocap": PrepareIemocapConfig,
-}
+# entry point -> its config class (each runs entrypoints/<name>.py)
+ENTRY_POINTS: dict[str, type[Any]] = {name: e.config_cls for name, e in _ENTRIES.items()}
 
 _MLFLOW_TYPES = {int: "int", float: "float", str: "string", bool: "string"}
 

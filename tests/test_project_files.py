@@ -32,7 +32,7 @@ def test_mlproject_defaults_match_config_defaults() -> None:
             if field.metadata.get("required"):
                 assert params[field.name] == "string"
             else:
-                assert str(params[field.name]["default"]) == str(field.default)
+                assert params[field.name]["default"] == mlproject._default_text(field.default)
 
 
 def test_conda_env_lists_the_same_dependencies_as_pyproject() -> None:

@@ -1,0 +1,7 @@
+"""MLproject entry point `tapt` (parameters: ser.config.TaptMethodConfig)."""
+
+import sys
+
+from ser.cli import entry_main
+
+sys.exit(entry_main("tapt"))

@@ -1,0 +1,7 @@
+"""MLproject entry point `vft` (parameters: ser.config.MethodConfig)."""
+
+import sys
+
+from ser.cli import entry_main
+
+sys.exit(entry_main("vft"))
