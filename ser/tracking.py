@@ -131,10 +131,15 @@ def stage_run(stage: str, tags: Mapping[str, str], nested: bool) -> Iterator[Run
     """Start (or, for an ``mlflow run`` entry point, continue) the MLflow run of one stage."""
     active = mlflow.active_run()
     if active is None and os.environ.get("MLFLOW_RUN_ID") and not nested:
-        # `mlflow run` created the run for this entry point: log into it.
-        with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]) as run:
-            mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
-            yield mlflow.get_run(run.info.run_id)
+        # `mlflow run` created the run for this entry point: log into it. The variable goes while
+        # it is open, or every nested start_run would resume this run instead of making a child.
+        run_id = os.environ.pop("MLFLOW_RUN_ID")
+        try:
+            with mlflow.start_run(run_id=run_id) as run:
+                mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
+                yield mlflow.get_run(run.info.run_id)
+        finally:
+            os.environ["MLFLOW_RUN_ID"] = run_id
         return
     with mlflow.start_run(run_name=stage, nested=active is not None) as run:
         mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
@@ -142,7 +147,13 @@ def stage_run(stage: str, tags: Mapping[str, str], nested: bool) -> Iterator[Run
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    mlflow.log_params({k: _param_text(v)[:6000] for k, v in params.items()})
+    """Log params the active run does not have yet (`mlflow run` logs the entry point's own,
+    shell-quoted, and MLflow refuses to log a param twice with another value)."""
+    run = mlflow.active_run()
+    have = set(mlflow.get_run(run.info.run_id).data.params) if run else set()
+    mlflow.log_params(
+        {k: _param_text(v)[:6000] for k, v in params.items() if k not in have}
+    )
 
 
 def mark_complete(run_id: str) -> None:

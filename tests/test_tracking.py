@@ -79,3 +79,20 @@ def test_stage_logger_never_ends_the_stage_run(tracking_uri: str) -> None:
         assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "fold_1-loss")
     assert [(m.value, m.step) for m in history] == [(1.5, 3)]
+
+
+def test_runs_nested_under_an_mlflow_run_entry_point_are_children(
+    tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mlflow.start_run() as made_by_mlflow_run:
+        pass
+    monkeypatch.setenv("MLFLOW_RUN_ID", made_by_mlflow_run.info.run_id)
+    with (
+        tracking.stage_run("ptapt", {}, nested=False) as parent,
+        tracking.stage_run("cluster", {}, nested=True) as child,
+    ):
+        pass
+    assert parent.info.run_id == made_by_mlflow_run.info.run_id
+    assert child.info.run_id != parent.info.run_id
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert mlflow.get_run(parent.info.run_id).data.tags["ser.stage"] == "ptapt"
