@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from ser.atomic import atomic_path
 from ser.errors import SerInputError
 
 # fairseq checkpoints hold plain containers and tensors, plus an argparse.Namespace of options
@@ -44,6 +46,19 @@ def safe_torch_load(path: str | os.PathLike[str]) -> dict[str, Any]:
             "(a fairseq checkpoint with 'model', or a Lightning checkpoint with 'state_dict')."
         )
     return obj
+
+
+def save_state_dict(module: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``module``'s state dict to ``path`` atomically, every tensor detached on the CPU.
+
+    Only plain tensors in a dict are written, so :func:`safe_torch_load` (``weights_only=True``)
+    reads the file back on any machine, whatever device the module was trained on.
+    """
+    target = Path(path)
+    state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
+    with atomic_path(target) as tmp:
+        torch.save(state, tmp)
+    return target
 
 
 def _not_a_checkpoint(file: Path, err: BaseException) -> SerInputError:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ser.atomic import atomic_path, atomic_write_json
-from ser.checkpoints import fairseq_model_options, safe_torch_load
+from ser.checkpoints import fairseq_model_options, safe_torch_load, save_state_dict
 from ser.errors import SerInputError
 
 
@@ -77,3 +77,16 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_saved_state_dict_loads_back_safely_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    module(torch.randn(4, 3))  # moves the BatchNorm running statistics off their initial values
+    target = tmp_path / "new_dir" / "model.pt"
+    assert save_state_dict(module, target) == target
+    loaded = safe_torch_load(target)
+    expected = module.state_dict()
+    assert list(loaded) == list(expected)
+    assert all(torch.equal(loaded[key], expected[key]) for key in expected)
+    assert [p.name for p in target.parent.iterdir()] == ["model.pt"]

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
+from stage_callbacks import KILL_MESSAGE, CountSteps, KillAt, add_callback
 from transformers import Wav2Vec2Model
 
 from ser import training
@@ -79,16 +80,6 @@ def finished(corpus: DemoCorpus, tmp_path_factory: pytest.TempPathFactory) -> Fi
 
 def _results(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(output_dir.glob("*/run_*/results.json"))]
-
-
-def _inject(monkeypatch: pytest.MonkeyPatch, *extra: Callback) -> None:
-    """Give every Trainer the stage builds these callbacks too."""
-    original = training.build_trainer
-
-    def build(*args: Any, callbacks: Any = (), **kwargs: Any) -> pl.Trainer:
-        return original(*args, callbacks=[*callbacks, *extra], **kwargs)
-
-    monkeypatch.setattr(training, "build_trainer", build)
 
 
 def _test_probs(module: FinetuneModule, config: FinetuneConfig, items: dict[str, str]
@@ -286,37 +277,20 @@ def test_class_weights_are_normalised_inverse_frequencies(
     assert float(loss) == pytest.approx(float(expected))
 
 
-class _KillAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("killed")
-
-
-class _CountSteps(Callback):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.steps += 1
-
-
 def test_killed_run_resumes_from_its_last_checkpoint(
     corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _config(corpus, tmp_path, labelpath=str(corpus.label_files[0]))
     run_dir = tmp_path / "fold_1" / "run_0"
     with monkeypatch.context() as patch:
-        _inject(patch, _KillAt(3))  # epoch 0 ends (and checkpoints) at step 2
-        with pytest.raises(RuntimeError, match="killed"):
+        add_callback(patch, training, KillAt(at_step=3))  # epoch 0 ends (and checkpoints) at step 2
+        with pytest.raises(RuntimeError, match=KILL_MESSAGE):
             finetune.run(config)
     assert not (run_dir / "results.json").exists()
     last = training.last_checkpoint(run_dir)
     assert last is not None and torch.load(last, weights_only=True)["global_step"] == 2
-    counter = _CountSteps()
-    _inject(monkeypatch, counter)
+    counter = CountSteps()
+    add_callback(monkeypatch, training, counter)
     result = finetune.run(config)
     assert result.runs[0]["global_step"] == 4
     assert counter.steps == 2  # only the steps after the checkpoint ran
@@ -337,7 +311,7 @@ def test_training_crops_to_maxseqlen_at_a_new_offset_each_epoch(
     corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = _RecordBatches()
-    _inject(monkeypatch, recorder)
+    add_callback(monkeypatch, training, recorder)
     finetune.run(_config(corpus, tmp_path, labelpath=str(corpus.label_files[0]),
                          maxseqlen=0.5))
     names = sorted(read_label_file(corpus.label_files[0]).train)

@@ -13,6 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from stage_callbacks import KILL_MESSAGE, KillAt
 
 from ser.audio import write_wav
 from ser.checkpoints import safe_torch_load
@@ -74,15 +75,6 @@ class _Recorder(Callback):
 
     def on_train_batch_end(self, *args: Any) -> None:
         self.batches += 1
-
-
-class _Kill(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated kill")
 
 
 @dataclass
@@ -232,8 +224,8 @@ def test_resumes_after_a_kill_and_runs_only_the_remaining_steps(
 ) -> None:
     config = _config(corpus, tmp_path, labelpath=str(corpus.label_files[0]))
     fold_dir = tmp_path / corpus.label_files[0].stem
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        ptapt_phase1.run(config, callbacks=[_Kill(at_step=3)])
+    with pytest.raises(RuntimeError, match=KILL_MESSAGE):
+        ptapt_phase1.run(config, callbacks=[KillAt(at_step=3)])
     assert safe_torch_load(fold_dir / "checkpoints/last.ckpt")["global_step"] == 2
     assert not (fold_dir / "w2v1").exists()
 

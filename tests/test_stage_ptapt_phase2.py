@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
+from stage_callbacks import KILL_MESSAGE, CountSteps, KillAt, add_callback
 from transformers import Wav2Vec2Model
 
 from ser.audio import check_audio_files
@@ -26,7 +25,7 @@ from ser.data.synthetic import DemoCorpus, generate_corpus
 from ser.errors import SerInputError
 from ser.models.backbones import load_backbone, preset_config, save_backbone
 from ser.stages import ptapt_phase2 as phase2
-from ser.training import build_trainer, last_checkpoint
+from ser.training import last_checkpoint
 
 STEPS = 4
 KS = (4, 8)
@@ -231,52 +230,24 @@ def test_bad_parameters_fail_before_any_output(
     assert not (tmp_path / "out").exists()
 
 
-class _Kill(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("killed")
-
-
-class _Count(Callback):
-    def __init__(self) -> None:
-        self.steps = 0
-        self.final_step = -1
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.steps += 1
-
-    def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.final_step = trainer.global_step
-
-
-def _with_callback(monkeypatch: pytest.MonkeyPatch, callback: Callback) -> None:
-    def build(*args: Any, callbacks: tuple[Callback, ...] = (), **kwargs: Any) -> pl.Trainer:
-        return build_trainer(*args, callbacks=[*callbacks, callback], **kwargs)
-
-    monkeypatch.setattr(phase2, "build_trainer", build)
-
-
 def test_a_killed_run_resumes_and_runs_only_the_remaining_steps(
     corpus: DemoCorpus, labels: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _write_clusters(tmp_path / "clusters", labels)
     config = _config(corpus, tmp_path / "out", path, training_step=5, checkpoint_every=2)
     fold_dir = tmp_path / "out" / Path(corpus.label_files[0]).stem
-    _with_callback(monkeypatch, _Kill(at_step=3))
-    with pytest.raises(RuntimeError, match="killed"):
+    add_callback(monkeypatch, phase2, KillAt(at_step=3))
+    with pytest.raises(RuntimeError, match=KILL_MESSAGE):
         phase2.run(config)
     checkpoint = last_checkpoint(fold_dir)
     assert checkpoint is not None and safe_torch_load(checkpoint)["global_step"] == 2
     assert not (fold_dir / phase2.BACKBONE_DIR).exists()
-    count = _Count()
-    _with_callback(monkeypatch, count)
+    count = CountSteps()
+    add_callback(monkeypatch, phase2, count)
     phase2.run(config)
     assert count.final_step == 5 and count.steps == 3
-    again = _Count()
-    _with_callback(monkeypatch, again)
+    again = CountSteps()
+    add_callback(monkeypatch, phase2, again)
     result = phase2.run(config)
     assert again.steps == 0 and result.final_loss == {}
     assert (result.backbones[fold_dir.name] / "config.json").is_file()

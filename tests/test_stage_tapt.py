@@ -16,6 +16,7 @@ import torch
 import transformers
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
+from stage_callbacks import KILL_MESSAGE, CountSteps, KillAt, add_callback
 from torch.utils.data import DataLoader
 from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
@@ -315,53 +316,25 @@ def test_bad_parameters_fail_before_any_output(
     assert not (tmp_path / "out").exists()
 
 
-class _Kill(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("killed")
-
-
-class _Count(Callback):
-    def __init__(self) -> None:
-        self.steps = 0
-        self.final_step = -1
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.steps += 1
-
-    def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.final_step = trainer.global_step
-
-
-def _with_callback(monkeypatch: pytest.MonkeyPatch, callback: Callback) -> None:
-    def build(*args: Any, callbacks: tuple[Callback, ...] = (), **kwargs: Any) -> pl.Trainer:
-        return build_trainer(*args, callbacks=[*callbacks, callback], **kwargs)
-
-    monkeypatch.setattr(tapt, "build_trainer", build)
-
-
 def test_a_killed_run_resumes_and_runs_only_the_remaining_steps(
     corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _config(corpus, tmp_path, training_step=5, checkpoint_every=2)
     fold_dir = tmp_path / Path(corpus.label_files[0]).stem
-    _with_callback(monkeypatch, _Kill(at_step=3))
-    with pytest.raises(RuntimeError, match="killed"):
+    add_callback(monkeypatch, tapt, KillAt(at_step=3))
+    with pytest.raises(RuntimeError, match=KILL_MESSAGE):
         tapt.run(config)
     checkpoint = last_checkpoint(fold_dir)
     assert checkpoint is not None and safe_torch_load(checkpoint)["global_step"] == 2
     assert not (fold_dir / tapt.BACKBONE_DIR).exists()
-    count = _Count()
-    _with_callback(monkeypatch, count)
+    count = CountSteps()
+    add_callback(monkeypatch, tapt, count)
     tapt.run(config)
     assert count.final_step == 5 and count.steps == 3
     assert (fold_dir / tapt.BACKBONE_DIR / "config.json").is_file()
     # A finished fold is skipped: nothing trains again.
-    again = _Count()
-    _with_callback(monkeypatch, again)
+    again = CountSteps()
+    add_callback(monkeypatch, tapt, again)
     result = tapt.run(config)
     assert again.steps == 0 and result.final_loss == {}
     assert result.backbones == {fold_dir.name: fold_dir / tapt.BACKBONE_DIR}

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ser.atomic import atomic_path, atomic_write_json
-from ser.checkpoints import fairseq_model_options, safe_torch_load
+from ser.atomic import atomic_write_json
+from ser.checkpoints import fairseq_model_options, safe_torch_load, save_state_dict
 from ser.errors import SerInputError
 
 logger = logging.getLogger(__name__)
@@ -438,10 +438,7 @@ def load_wav2vec1(spec: str | os.PathLike[str]) -> Wav2Vec1Model:
 def save_wav2vec1(model: Wav2Vec1Model, directory: str | os.PathLike[str]) -> Path:
     """Write ``config.json`` and ``model.pt`` (each atomically) for :func:`load_wav2vec1`."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        torch.save(state, tmp)
+    save_state_dict(model, out / WEIGHTS_FILE)
     atomic_write_json(
         out / CONFIG_FILE,
         {"format": _SAVE_FORMAT, "version": 1, "config": model.config.to_json_dict()},

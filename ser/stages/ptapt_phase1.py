@@ -47,9 +47,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader
 
-from ser.atomic import atomic_path, atomic_write_json
+from ser.atomic import atomic_write_json
 from ser.audio import check_audio_files
-from ser.checkpoints import safe_torch_load
+from ser.checkpoints import safe_torch_load, save_state_dict
 from ser.config import SAMPLE_RATE, Phase1Config
 from ser.data.datasets import UtteranceDataset, collate_utterances
 from ser.data.labels import LabelFile
@@ -110,10 +110,7 @@ def save_emotion_w2v1(
             f"{len(classes)} class names given for a model with {model.num_classes} classes"
         )
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        torch.save(state, tmp)
+    save_state_dict(model, out / WEIGHTS_FILE)
     atomic_write_json(
         out / CONFIG_FILE,
         {
