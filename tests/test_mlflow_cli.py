@@ -97,6 +97,43 @@ def test_ptapt_twice_reuses_every_stage_then_predicts(
     assert sum(v for k, v in prediction.items() if k.startswith("prob_")) == pytest.approx(1.0)
 
 
+def test_stages_chain_across_separate_mlflow_runs(
+    corpus: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    _mlflow_run("pretrain_w2v1", corpus, tmp_path, tracking_uri,
+                "-P", "training_step=2", "-P", "batch_size=4")  # fmt: skip
+    phase1 = _runs(tracking_uri, "pretrain_w2v1")[0]
+    uri = f"runs:/{phase1.info.run_id}/w2v1"
+    _mlflow_run("cluster", corpus, tmp_path, tracking_uri,
+                "-P", f"pretrained_path={uri}", "-P", "num_clusters=2,3")  # fmt: skip
+    cluster = _runs(tracking_uri, "cluster")[0]
+    assert cluster.info.status == "FINISHED" and cluster.data.params["pretrained_path"] == uri
+    assert cluster.data.tags["mlflow.project.entryPoint"] == "cluster"
+    stats_uri = f"runs:/{cluster.info.run_id}/clusters/fold_1/cluster_stats.json"
+    stats = mlflow.artifacts.load_dict(stats_uri)
+    assert stats["num_clusters"] == [2, 3]
+
+
+def test_a_bad_parameter_is_one_clear_line_before_training(
+    corpus: Path, tmp_path: Path, tracking_uri: str
+) -> None:
+    data = ["--datadir", str(corpus / "Audio_16k"), "--labeldir", str(corpus / "labels")]
+    cases = [
+        ("cluster", ["--pretrained_path", str(tmp_path), "--num_clusters", "1,8"], "num_clusters"),
+        ("finetune", ["--backbone", "no-such-model"], "no-such-model"),
+        ("vft", ["--datadir", str(tmp_path / "missing")], "missing"),
+    ]
+    for entry, args, message in cases:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "entrypoints" / f"{entry}.py"), *data, *args],
+            cwd=tmp_path, env=_env(tracking_uri), capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
