@@ -22,7 +22,7 @@ from mlflow.entities import Run  # noqa: E402
 from ser.atomic import atomic_path, atomic_write_text  # noqa: E402
 from ser.config import CompareConfig  # noqa: E402
 from ser.errors import SerInputError  # noqa: E402
-from ser.tracking import TAG_METHOD  # noqa: E402
+from ser.tracking import TAG_METHOD, TAG_STAGE  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def _newest_per_method(experiment_name: str) -> list[Run]:
     )
     newest: dict[str, Run] = {}
     for run in found:
-        newest.setdefault(run.data.tags.get(TAG_METHOD, "?"), run)
+        method = run.data.tags.get(TAG_METHOD, "?")
+        if run.data.tags.get(TAG_STAGE) == method:  # the method's parent, not its finetune run
+            newest.setdefault(method, run)
     return [newest[m] for m in sorted(newest, key=_method_rank)]
 
 

@@ -11,9 +11,9 @@ from ser.config import CompareConfig
 from ser.errors import SerInputError
 
 
-def _method_run(method: str, ua: float, wa: float) -> str:
+def _method_run(method: str, ua: float, wa: float, stage: str = "") -> str:
     with mlflow.start_run() as run:
-        mlflow.set_tag("ser.method", method)
+        mlflow.set_tags({"ser.method": method, "ser.stage": stage or method})
         mlflow.log_metrics(
             {"test_UA_mean": ua, "test_UA_std": 1.5, "test_WA_mean": wa, "test_WA_std": 2.0,
              "test_F1_mean": ua - 1, "test_F1_std": 0.5}
@@ -26,6 +26,7 @@ def test_newest_run_per_method_in_method_order(tracking_uri: str, tmp_path: Path
     old_vft = _method_run("vft", 40.0, 41.0)
     new_vft = _method_run("vft", 50.0, 52.0)
     _method_run("tapt", 55.0, 56.0)
+    _method_run("tapt", 99.0, 99.0, stage="finetune")  # a method's child run: not compared
     result = compare(CompareConfig(output_dir=str(tmp_path / "cmp")))
     assert [r.method for r in result.rows] == ["vft", "tapt", "ptapt"]
     assert result.rows[0].run_id == new_vft != old_vft
