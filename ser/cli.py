@@ -23,6 +23,7 @@ from ser.config import (
     MethodConfig,
     PrepareIemocapConfig,
     PtaptMethodConfig,
+    SearchConfig,
     TaptMethodConfig,
     with_tracking,
 )
@@ -131,6 +132,12 @@ def _compare(config: CompareConfig) -> object:
     return compare(config)
 
 
+def _search(config: Any) -> object:
+    from ser.search import search
+
+    return search(config)
+
+
 def _stage_job(name: str) -> Callable[[Any], object]:
     def job(config: Any) -> object:
         from ser.pipelines import STAGES, execute_stage
@@ -178,6 +185,12 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         "P-TAPT: wav2vec 1.0 emotion model, k-means pseudo-labels, wav2vec 2.0, fine-tuning.",
     ),
     "compare": EntryPoint(CompareConfig, _compare, "Compare finished method runs."),
+    "search": EntryPoint(
+        SearchConfig,
+        _search,
+        "Optuna search over a method's fine-tuning lr, batch size (and P-TAPT's cluster counts) "
+        "on validation UA, every trial a nested MLflow run.",
+    ),
 }
 
 

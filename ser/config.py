@@ -6,8 +6,8 @@ defaults from these classes, so a default changed here changes everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, make_dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, get_type_hints
 
 SAMPLE_RATE = 16_000
 EMOTIONS_4 = ("anger", "happy", "neutral", "sad")
@@ -191,6 +191,57 @@ class PtaptMethodConfig(MethodConfig):
     training_step: int = Phase2Config.training_step
     warmup_step: int = Phase2Config.warmup_step
 
+
+
+def _scaled_sets(base: tuple[int, ...], factors: tuple[int, ...]) -> str:
+    """``(8, 32), (1, 2)`` -> ``"8,32;16,64"``: cluster-count sets as the search takes them."""
+    return ";".join(",".join(str(k * f) for k in base) for f in factors)
+
+
+@dataclass
+class SearchSpaceConfig:
+    """An Optuna search (``ser.search``): its space, its budget, where its study lives.
+
+    The ranges default to the stage configs: fine-tuning's lr / 10 .. x 10 (log scale), half,
+    once and twice its batch size, P-TAPT's cluster-count set as it is and doubled. A range of
+    one value is fixed, not tuned.
+    """
+
+    method: str = "ptapt"  # vft, tapt or ptapt
+    n_trials: int = 10  # of the whole study (every worker, every resume): complete+pruned+running
+    timeout: float = 0.0  # seconds after which this worker starts no new trial; 0: none
+    study_name: str = ""  # empty: ser-<method>
+    storage: str = ""  # SQLAlchemy URL; empty: SQLite optuna.db beside the MLflow database
+    sampler: str = "tpe"  # tpe or random
+    sampler_seed: int = 0
+    pruner: str = "median"  # median or none
+    pruner_startup_trials: int = 2  # complete trials before any pruning
+    pruner_warmup_steps: int = FinetuneConfig.max_epochs // 3  # validations before pruning
+    lr_min: float = FinetuneConfig.lr / 10  # fine-tuning learning rate, log scale
+    lr_max: float = FinetuneConfig.lr * 10
+    batch_sizes: tuple[int, ...] = (
+        FinetuneConfig.batch_size // 2, FinetuneConfig.batch_size, FinetuneConfig.batch_size * 2
+    )  # fmt: skip
+    # P-TAPT only: cluster-count sets separated by ';'
+    num_clusters_choices: str = _scaled_sets(ClusterConfig.num_clusters, (1, 2))
+
+
+# What the search tunes (ranges above instead), and what concerns one run, not a search.
+SEARCH_TUNED = ("lr", "batch_size", "num_clusters")
+_NOT_IN_SEARCH = ("force", "register_as")
+
+# The search's parameters: its space and budget, then every other P-TAPT (hence V-FT and TAPT)
+# method setting, fixed for the whole study.
+SearchConfig = make_dataclass(
+    "SearchConfig",
+    [
+        (f.name, get_type_hints(PtaptMethodConfig)[f.name], field(default=f.default))
+        for f in fields(PtaptMethodConfig)
+        if f.name not in SEARCH_TUNED + _NOT_IN_SEARCH
+    ],
+    bases=(SearchSpaceConfig,),
+)
+SearchConfig.__module__ = __name__
 
 def with_tracking(config_cls: type[Any]) -> type[Any]:
     """A stage's config plus what its standalone entry point adds: ``force`` (and, for

@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from statistics import fmean
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 
@@ -32,10 +33,14 @@ from ser.config import (
 )
 from ser.stages import common
 
+if TYPE_CHECKING:
+    from ser.stages.finetune import CallbackFactory
+
 log = logging.getLogger(__name__)
 
 HEADLINE = ("UA", "WA", "F1")
 TAG_MODEL = "ser.model_uri"
+TAG_FINETUNE_RUN = "ser.finetune_run"  # on a method run: its (possibly reused) fine-tuning run
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,12 @@ def execute_stage(
     nested: bool = False,
     output_root: str = "outputs",
     register_as: str = "",
+    callback_factory: CallbackFactory | None = None,
 ) -> StageOutcome:
-    """Run one stage as an MLflow run, or reuse a finished identical one."""
+    """Run one stage as an MLflow run, or reuse a finished identical one.
+
+    ``callback_factory`` (fine-tuning only) adds Trainer callbacks; it is not part of the reuse
+    key, and an exception it raises leaves the run incomplete, so never reused."""
     stage = STAGES[name]
     local = _with_local_inputs(stage, config)
     data_print = _data_print(local)
@@ -104,7 +113,10 @@ def execute_stage(
         run_id = run.info.run_id
         tracking.log_params({**dataclasses.asdict(config), "output_dir": str(output_dir)})
         mlflow.set_tag(tracking.TAG_FINGERPRINT, data_print)
-        stage.run_function()(local, logger_factory=lambda fold: tracking.stage_logger(run_id, fold))
+        extra = {"callback_factory": callback_factory} if callback_factory else {}
+        stage.run_function()(
+            local, logger_factory=lambda fold: tracking.stage_logger(run_id, fold), **extra
+        )
         _log_outputs(stage, output_dir)
         if name == "finetune":
             _finish_finetune(output_dir, register_as)
@@ -183,6 +195,9 @@ def _finish_finetune(output_dir: Path, register_as: str) -> None:
         metrics[f"test_{name}_std"] = entry["std_over_folds"]
         metrics[f"test_{name}_std_over_repeats"] = entry["std_over_repeats"]
     metrics.update({f"test_recall_{c}": v for c, v in summary["recall"].items()})
+    valid = [row["valid_UA"] for row in summary["runs"]]
+    if valid and None not in valid:  # what a search selects on: never the test scores
+        metrics["valid_UA_mean"] = fmean(valid)
     mlflow.log_metrics(metrics)
     model_uri = serving.log_model(output_dir / "model", summary["classes"], register_as)
     mlflow.set_tag(TAG_MODEL, model_uri)
@@ -195,13 +210,16 @@ def stage_config(cls: type[Any], source: Any, **overrides: Any) -> Any:
     return cls(**{**shared, "output_dir": "", **overrides})
 
 
-def _finetune(method: str, config: MethodConfig, pretrained: str) -> dict[str, float]:
+def _finetune(
+    method: str, config: MethodConfig, pretrained: str, callbacks: CallbackFactory | None
+) -> dict[str, float]:
     """Fine-tune, then put its headline metrics and model on the method's parent run."""
     finetune = stage_config(FinetuneConfig, config, pretrained_path=pretrained)
-    outcome = _chain_runner(method, config)("finetune", finetune)
+    outcome = _chain_runner(method, config, callbacks)("finetune", finetune)
     run = mlflow.get_run(outcome.run_id)
-    headline = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    headline = {k: v for k, v in run.data.metrics.items() if k.startswith(("test_", "valid_"))}
     mlflow.log_metrics(headline)
+    mlflow.set_tag(TAG_FINETUNE_RUN, outcome.run_id)
     model_uri = run.data.tags.get(TAG_MODEL, "")
     mlflow.set_tag(TAG_MODEL, model_uri)
     if outcome.reused and config.register_as and model_uri:
@@ -209,18 +227,32 @@ def _finetune(method: str, config: MethodConfig, pretrained: str) -> dict[str, f
     return headline
 
 
-def _method_run(method: str, config: MethodConfig, body: Callable[[], str]) -> dict[str, float]:
+def _method_run(
+    method: str,
+    config: MethodConfig,
+    body: Callable[[], str],
+    finetune_callbacks: CallbackFactory | None,
+) -> dict[str, float]:
+    # Under an active run (a search trial) the method run nests under it.
     with tracking.stage_run(method, {tracking.TAG_METHOD: method}, nested=False):
         tracking.log_params(dataclasses.asdict(config))
-        return _finetune(method, config, body())
+        return _finetune(method, config, body(), finetune_callbacks)
 
 
-def vft(config: MethodConfig) -> dict[str, float]:
+# ``finetune_callbacks``: extra Trainer callbacks for fine-tuning (a search's pruning); never
+# part of a reuse key.
+
+
+def vft(
+    config: MethodConfig, *, finetune_callbacks: CallbackFactory | None = None
+) -> dict[str, float]:
     """V-FT: fine-tune the backbone as it is."""
-    return _method_run("vft", config, lambda: "")
+    return _method_run("vft", config, lambda: "", finetune_callbacks)
 
 
-def tapt(config: TaptMethodConfig) -> dict[str, float]:
+def tapt(
+    config: TaptMethodConfig, *, finetune_callbacks: CallbackFactory | None = None
+) -> dict[str, float]:
     """TAPT: continue wav2vec 2.0 pretraining per fold, then fine-tune its backbones."""
 
     def pretrain() -> str:
@@ -229,18 +261,25 @@ def tapt(config: TaptMethodConfig) -> dict[str, float]:
         )
         return _chain_runner("tapt", config)("tapt_pretrain", stage).uri("backbone")
 
-    return _method_run("tapt", config, pretrain)
+    return _method_run("tapt", config, pretrain, finetune_callbacks)
 
 
-def ptapt(config: PtaptMethodConfig) -> dict[str, float]:
+def ptapt(
+    config: PtaptMethodConfig, *, finetune_callbacks: CallbackFactory | None = None
+) -> dict[str, float]:
     """P-TAPT: phase 1 -> cluster -> phase 2 -> fine-tune, each fold on its Train split only."""
 
     def pretrain() -> str:
         run = _chain_runner("ptapt", config)
+        # The method's lr and batch_size are fine-tuning's: phase 1 keeps its own, so that it
+        # (and all after it but fine-tuning) is shared by runs that differ in fine-tuning only.
         phase1 = run(
             "pretrain_w2v1",
-            stage_config(Phase1Config, config, training_step=config.w2v1_training_step),
-        )
+            stage_config(
+                Phase1Config, config, training_step=config.w2v1_training_step,
+                lr=Phase1Config.lr, batch_size=Phase1Config.batch_size,
+            ),
+        )  # fmt: skip
         clusters = run(
             "cluster", stage_config(ClusterConfig, config, pretrained_path=phase1.uri("w2v1"))
         )
@@ -253,20 +292,23 @@ def ptapt(config: PtaptMethodConfig) -> dict[str, float]:
         )  # fmt: skip
         return phase2.uri("backbone")
 
-    return _method_run("ptapt", config, pretrain)
+    return _method_run("ptapt", config, pretrain, finetune_callbacks)
 
 
-def _chain_runner(method: str, config: MethodConfig) -> Callable[[str, Any], StageOutcome]:
+def _chain_runner(
+    method: str, config: MethodConfig, callbacks: CallbackFactory | None = None
+) -> Callable[[str, Any], StageOutcome]:
     def run(name: str, stage_cfg: Any) -> StageOutcome:
         return execute_stage(
             name, stage_cfg, method=method, force=config.force, nested=True,
             output_root=config.output_root, register_as=config.register_as,
+            callback_factory=callbacks,
         )  # fmt: skip
 
     return run
 
 
-METHODS: Mapping[str, tuple[type[Any], Callable[[Any], dict[str, float]]]] = {
+METHODS: Mapping[str, tuple[type[Any], Callable[..., dict[str, float]]]] = {
     "vft": (MethodConfig, vft),
     "tapt": (TaptMethodConfig, tapt),
     "ptapt": (PtaptMethodConfig, ptapt),

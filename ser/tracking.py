@@ -126,8 +126,15 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
+class StopRun(Exception):
+    """Stops runs on purpose (a pruned search trial): each run it passes through ends KILLED,
+    not FAILED, and none is marked complete, so none is reused."""
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, tags: Mapping[str, str], nested: bool) -> Iterator[Run]:
+def stage_run(
+    stage: str, tags: Mapping[str, str], nested: bool, run_name: str = ""
+) -> Iterator[Run]:
     """Start (or, for an ``mlflow run`` entry point, continue) the MLflow run of one stage."""
     active = mlflow.active_run()
     if active is None and os.environ.get("MLFLOW_RUN_ID") and not nested:
@@ -135,15 +142,37 @@ def stage_run(stage: str, tags: Mapping[str, str], nested: bool) -> Iterator[Run
         # it is open, or every nested start_run would resume this run instead of making a child.
         run_id = os.environ.pop("MLFLOW_RUN_ID")
         try:
-            with mlflow.start_run(run_id=run_id) as run:
+            with mlflow.start_run(run_id=run_id) as run, _killed_on_stop():
                 mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
                 yield mlflow.get_run(run.info.run_id)
         finally:
             os.environ["MLFLOW_RUN_ID"] = run_id
         return
-    with mlflow.start_run(run_name=stage, nested=active is not None) as run:
+    with (
+        mlflow.start_run(run_name=run_name or stage, nested=active is not None) as run,
+        _killed_on_stop(),
+    ):
         mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
         yield mlflow.get_run(run.info.run_id)
+
+
+@contextlib.contextmanager
+def _killed_on_stop() -> Iterator[None]:
+    try:
+        yield
+    except StopRun:
+        mlflow.end_run("KILLED")  # the run's own context then finds it ended and leaves it
+        raise
+
+
+def child_runs(run_id: str) -> list[Run]:
+    """The runs nested directly under ``run_id``, oldest first."""
+    return mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
 
 
 def log_params(params: Mapping[str, Any]) -> None:

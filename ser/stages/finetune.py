@@ -36,7 +36,8 @@ original does. With a layer-norm feature encoder (wav2vec2-large) padded batches
 logits (tests/test_stage_finetune.py shows both), and utterances are evaluated
 :data:`EVAL_BATCH_SIZE` at a time.
 
-``logger_factory`` is called once per run with ``"<fold>/run_<r>"``.
+``logger_factory`` is called once per run with ``"<fold>/run_<r>"``; ``callback_factory``, if
+given, with the run's index and that name, and its callbacks join the run's Trainer.
 
 Departures from the original
 ----------------------------
@@ -105,6 +106,9 @@ EVAL_BATCH_SIZE = 8  # utterances per evaluation batch when padding cannot chang
 METRICS = ("WA", "UA", "F1")
 
 LoggerFactory = Callable[[str], Logger | bool]
+# Extra callbacks for one run's Trainer, given the run's index (folds x repeats, in order) and
+# name; e.g. a search's pruning callback, which counts its steps across runs.
+CallbackFactory = Callable[[int, str], Sequence[Callback]]
 
 
 @dataclass(frozen=True)
@@ -400,6 +404,7 @@ def _train_and_test(
     classes: list[str],
     output_dir: Path,
     logger_factory: LoggerFactory | None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     results_path = job.directory / RESULTS
     if results_path.is_file():
@@ -411,7 +416,7 @@ def _train_and_test(
                             mask_feature_prob=config.mask_feature_prob)
     loaders = _loaders(config, job.fold, classes, job.seed, module.eval_batch_size)
     has_val = loaders.val is not None
-    trainer = _fit(config, job, module, loaders, logger_factory)
+    trainer = _fit(config, job, module, loaders, logger_factory, callbacks)
     tested = training.best_checkpoint(trainer) if has_val else training.last_checkpoint(
         job.directory)
     if tested is None:
@@ -432,6 +437,7 @@ def _fit(
     module: FinetuneModule,
     loaders: _Loaders,
     logger_factory: LoggerFactory | None,
+    callbacks: Sequence[Callback] = (),
 ) -> pl.Trainer:
     """Train (resuming from the run's last.ckpt); checkpoints by valid_UA when there is a Val."""
     has_val = loaders.val is not None
@@ -439,7 +445,7 @@ def _fit(
         config, job.directory, max_epochs=config.max_epochs,
         monitor="valid_UA" if has_val else None, mode="max",
         logger=logger_factory(job.name) if logger_factory else False,
-        callbacks=[_CropEpoch(loaders.train_dataset)], enable_validation=has_val,
+        callbacks=[_CropEpoch(loaders.train_dataset), *callbacks], enable_validation=has_val,
     )
     with warnings.catch_warnings():
         # Folds without Val (IEMOCAP's) are expected: no warning per run about it.
@@ -484,7 +490,12 @@ def _run_record(
 # --------------------------------------------------------------------------- the stage
 
 
-def run(config: FinetuneConfig, *, logger_factory: LoggerFactory | None = None) -> FinetuneResult:
+def run(
+    config: FinetuneConfig,
+    *,
+    logger_factory: LoggerFactory | None = None,
+    callback_factory: CallbackFactory | None = None,
+) -> FinetuneResult:
     """Fine-tune every fold ``num_exps`` times, test, summarise, and export one model."""
     _check_params(config)
     folds = common.load_folds(config)
@@ -500,7 +511,11 @@ def run(config: FinetuneConfig, *, logger_factory: LoggerFactory | None = None) 
         for fold in folds
         for repeat in range(config.num_exps)
     ]
-    runs = [_train_and_test(config, job, classes, output_dir, logger_factory) for job in jobs]
+    runs = [
+        _train_and_test(config, job, classes, output_dir, logger_factory,
+                        callback_factory(index, job.name) if callback_factory else ())
+        for index, job in enumerate(jobs)
+    ]  # fmt: skip
     return _finish(runs, classes, output_dir)
 
 
