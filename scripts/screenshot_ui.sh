@@ -6,8 +6,10 @@
 # real `mlflow server` on 127.0.0.1, and shoots the compare page of the three method parent runs
 # with headless Chromium (scripts/screenshot_ui.py drives it). The server is stopped on exit.
 #
-# Usage:  scripts/screenshot_ui.sh            (about 10-15 min on 2 CPU cores)
-# Every path below can be overridden from the environment, e.g. WORK=/tmp/x PORT=5056 ...
+# Usage:  scripts/screenshot_ui.sh     (10-15 min on 2 idle CPU cores; over an hour on a busy box)
+# Every setting below can be overridden from the environment, e.g. WORK=/tmp/x PORT=5056 ...
+# WORK=<an earlier scratch dir> resumes there: finished stages are reused, not recomputed.
+# TRAIN=0 WORK=<an earlier scratch dir> skips the method runs and only re-shoots the UI.
 set -euo pipefail
 
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
@@ -18,6 +20,7 @@ CHROMIUM=${CHROMIUM:-chromium}
 SHOT=${SHOT:-$REPO/docs/mlflow_compare.png}
 CHART=${CHART:-$REPO/docs/compare_chart.png}
 NICE=${NICE:-10}  # the methods train on CPU; be polite to whoever shares the machine
+TRAIN=${TRAIN:-1}
 
 URL_BASE="http://127.0.0.1:$PORT"
 export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db"
@@ -58,11 +61,12 @@ need_chromium() {
     fi
 }
 
-timed() {  # timed NAME CMD...: run CMD, log to $WORK/logs/NAME.log, report its wall clock
+timed() {  # timed NAME CMD...: run CMD, append to $WORK/logs/NAME.log, report its wall clock
     local name=$1 start ms status=0
     shift
     start=$(date +%s%N)
-    "$@" >"$WORK/logs/$name.log" 2>&1 || status=$?
+    echo "=== $(date -u +%FT%TZ) $*" >>"$WORK/logs/$name.log"  # a resumed run keeps the old log
+    "$@" >>"$WORK/logs/$name.log" 2>&1 || status=$?
     ms=$(( ($(date +%s%N) - start) / 1000000 ))
     printf '%s\t%d.%01d s\texit %d\n' "$name" $((ms / 1000)) $((ms % 1000 / 100)) "$status" \
         | tee -a "$WORK/logs/timings.tsv" >&2
@@ -84,10 +88,15 @@ cd "$WORK"
 log "scratch directory: $WORK"
 
 # 1. Demo corpus, the three methods (one after another: they each use every core), comparison.
-timed demo_corpus "$PY" "$REPO/entrypoints/demo_corpus.py" --output_dir data/demo
-for method in vft tapt ptapt; do
-    timed "$method" nice -n "$NICE" "$PY" "$REPO/entrypoints/$method.py"
-done
+if [[ "$TRAIN" != 0 ]]; then
+    timed demo_corpus "$PY" "$REPO/entrypoints/demo_corpus.py" --output_dir data/demo
+    for method in vft tapt ptapt; do
+        timed "$method" nice -n "$NICE" "$PY" "$REPO/entrypoints/$method.py"
+    done
+elif [[ ! -f "$WORK/mlflow.db" ]]; then
+    log "TRAIN=0 needs WORK set to an earlier scratch dir with mlflow.db in it"
+    exit 1
+fi
 timed compare "$PY" "$REPO/entrypoints/compare.py" --output_dir compare
 cp compare/comparison.png "$CHART"
 cat compare/comparison.md >&2

@@ -77,13 +77,14 @@ ATTR_FINETUNE_RUN = "mlflow_finetune_run_id"
 ATTR_SETTINGS = "ser.settings"  # study user attribute: what a resumed search must not change
 MONITOR = "valid_UA"
 OBJECTIVE = "valid_UA_mean"
+TARGET_NAME = "Validation UA (%)"
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 SQLITE_TIMEOUT_S = 60  # several workers on one SQLite file wait for its lock this long
 OPEN_ATTEMPTS = 3
-HEARTBEAT_S = 60
-GRACE_S = 600
+HEARTBEAT_S = 30  # a running trial's worker says it is alive this often
+GRACE_S = 180  # after this long without a word its trial is failed and no longer counts
 # Search settings a resumed study may change: budget, storage and how the next trials are picked.
 _CONTROL = ("n_trials", "timeout", "study_name", "storage", "sampler", "sampler_seed", "pruner",
             "pruner_startup_trials", "pruner_warmup_steps")  # fmt: skip
@@ -266,7 +267,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                    grace_period=GRACE_S,
+                    grace_period=GRACE_S, heartbeat_stale_trial_callback=_dead_worker_trial,
                 )  # fmt: skip
         except (IntegrityError, OperationalError) as err:
             # Workers that start together on a fresh database race to create its tables; the
@@ -277,6 +278,24 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         except Exception as err:  # SQLAlchemy and drivers raise many types for a bad URL
             raise SerInputError(_storage_error(url, err)) from err
     raise AssertionError("unreachable")
+
+
+def _dead_worker_trial(study: Study, trial: FrozenTrial) -> None:
+    """End the MLflow runs a dead worker left RUNNING with its trial, now failed."""
+    run_id = trial.user_attrs.get(ATTR_RUN, "")
+    log.warning("search: trial %d of study %s had no heartbeat for %d s (its worker died?): "
+                "marked failed%s", trial.number, study.study_name, GRACE_S,
+                f", with its MLflow run {run_id}" if run_id else "")  # fmt: skip
+    if not run_id:
+        return
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, TAG_TRIAL_STATE, TrialState.FAIL.name)
+    pending = [run_id]
+    while pending:  # the trial run, its method run and the stage runs under that
+        current = pending.pop()
+        if client.get_run(current).info.status == "RUNNING":
+            client.set_terminated(current, "FAILED")
+        pending += [child.info.run_id for child in tracking.child_runs(current)]
 
 
 def _storage_error(url: str, err: Exception) -> str:
@@ -507,6 +526,11 @@ def run_trials(study: Study, objective: Callable[[optuna.Trial], float], n_trial
             break
         study.optimize(objective, n_trials=1)
         ran += 1
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    if running:
+        log.info("search: %d trial(s) still running count toward n_trials=%d: in other workers, "
+                 "or left by a worker that died (failed %d s after its last heartbeat; then "
+                 "run the search again)", running, n_trials, GRACE_S)  # fmt: skip
     return ran
 
 
@@ -546,17 +570,19 @@ def _log_plots(study: Study, space: SearchSpace) -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", ExperimentalWarning)
-        figures = {"optimization_history.png": plots.plot_optimization_history(study).figure}
+        history = plots.plot_optimization_history(study, target_name=TARGET_NAME)
+        figures = {"optimization_history.png": history.figure}
         if _importances_defined(study, space):
-            figures["param_importances.png"] = plots.plot_param_importances(study).figure
+            importances = plots.plot_param_importances(study, target_name=TARGET_NAME)
+            figures["param_importances.png"] = importances.figure
         else:
             log.info("search: parameter importances need two complete trials that differ in a "
                      "tuned value; not plotted")
     for warning in caught:  # e.g. too few trials for importances to differ: worth a line
         log.info("search: plots: %s", warning.message)
     for name, figure in figures.items():
-        figure.tight_layout()
-        mlflow.log_figure(figure, f"{STAGE}/{name}")
+        # bbox "tight": the history's legend sits outside its axes
+        mlflow.log_figure(figure, f"{STAGE}/{name}", save_kwargs={"bbox_inches": "tight"})
         plt.close(figure)
 
 

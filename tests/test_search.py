@@ -208,6 +208,26 @@ def test_pruning_steps_count_across_folds_and_epochs(
     assert sorted(trial.intermediate_values) == list(range(6))
 
 
+def test_a_trial_of_a_dead_worker_is_failed_and_replaced(
+    tracking_uri: str, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search_module, "GRACE_S", 1)
+    storage = search_module.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="dead", storage=storage, direction="maximize")
+    dead = study.ask()  # a worker took this trial, said it was alive once, and died
+    storage.record_heartbeat(dead._trial_id)
+    left_running = mlflow.MlflowClient().create_run(experiment_id="0")
+    dead.set_user_attr("mlflow_run_id", left_running.info.run_id)
+    time.sleep(2.5)  # past the grace period (the database clock counts whole seconds)
+    result = search(_config(corpus, tmp_path, n_trials=1, study_name="dead"))
+    assert result.trials_run == 1
+    assert [t.state for t in _study("dead", tmp_path).trials] == [
+        TrialState.FAIL, TrialState.COMPLETE,
+    ]  # fmt: skip
+    ended = mlflow.get_run(left_running.info.run_id)
+    assert ended.info.status == "FAILED" and ended.data.tags["ser.trial_state"] == "FAIL"
+
+
 def test_the_search_needs_a_validation_split(
     tracking_uri: str, corpus: Path, tmp_path: Path
 ) -> None:
