@@ -25,7 +25,6 @@ from ser.config import (
     PtaptMethodConfig,
     SearchConfig,
     TaptMethodConfig,
-    with_tracking,
 )
 from ser.errors import SerInputError
 
@@ -82,6 +81,7 @@ def build_parser(config_cls: type[Any], description: str) -> argparse.ArgumentPa
             default=None if required else default,
             required=required,
             metavar=hints[field.name].__name__ if isinstance(hints[field.name], type) else "LIST",
+            help=field.metadata.get("help", ""),
         )
     return parser
 
@@ -93,14 +93,15 @@ def parse_config(
     return config_cls(**vars(args))
 
 
-def run_cli(job: Callable[[], object]) -> int:
-    """Run ``job``; a :class:`SerInputError` becomes one clear line and exit status 2."""
+def run_cli(job: Callable[[], object], name: str = "") -> int:
+    """Run ``job``; a :class:`SerInputError` becomes one clear line naming the entry point
+    ``name``, and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # lists CPU variants it skips
     try:
         job()
     except SerInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {name + ': ' if name else ''}{err}", file=sys.stderr)
         return 2
     return 0
 
@@ -142,8 +143,9 @@ def _stage_job(name: str) -> Callable[[Any], object]:
     def job(config: Any) -> object:
         from ser.pipelines import STAGES, execute_stage
 
-        fields = {f.name for f in dataclasses.fields(STAGES[name].config_cls)}
-        stage_config = STAGES[name].config_cls(
+        stage_cls = STAGES[name].config_cls
+        fields = {f.name for f in dataclasses.fields(stage_cls)}
+        stage_config = stage_cls(
             **{k: v for k, v in dataclasses.asdict(config).items() if k in fields}
         )
         return execute_stage(
@@ -153,13 +155,10 @@ def _stage_job(name: str) -> Callable[[Any], object]:
     return job
 
 
-def _method_job(name: str) -> Callable[[Any], object]:
-    def job(config: Any) -> object:
-        from ser.pipelines import METHODS
+def _method_job(config: Any) -> object:
+    from ser.pipelines import run_method
 
-        return METHODS[name][1](config)
-
-    return job
+    return run_method(config)
 
 
 ENTRY_POINTS: dict[str, EntryPoint] = {
@@ -172,16 +171,16 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         "Convert an IEMOCAP_full_release directory into 16 kHz wavs and session-wise label files.",
     ),
     **{
-        name: EntryPoint(with_tracking(cls), _stage_job(name), description)
-        for name, cls, description in STAGE_ENTRY_POINTS
+        name: EntryPoint(cls, _stage_job(name), description)
+        for name, (cls, description) in STAGE_ENTRY_POINTS.items()
     },
-    "vft": EntryPoint(MethodConfig, _method_job("vft"), "V-FT: fine-tune wav2vec 2.0."),
+    "vft": EntryPoint(MethodConfig, _method_job, "V-FT: fine-tune wav2vec 2.0."),
     "tapt": EntryPoint(
-        TaptMethodConfig, _method_job("tapt"), "TAPT: continued pretraining, then fine-tuning."
+        TaptMethodConfig, _method_job, "TAPT: continued pretraining, then fine-tuning."
     ),
     "ptapt": EntryPoint(
         PtaptMethodConfig,
-        _method_job("ptapt"),
+        _method_job,
         "P-TAPT: wav2vec 1.0 emotion model, k-means pseudo-labels, wav2vec 2.0, fine-tuning.",
     ),
     "compare": EntryPoint(CompareConfig, _compare, "Compare finished method runs."),
@@ -198,7 +197,12 @@ def entry_main(name: str, argv: Sequence[str] | None = None) -> int:
     """Parse the entry point's parameters and run it; input errors exit 2 with one line."""
     entry = ENTRY_POINTS[name]
     config = parse_config(entry.config_cls, argv, entry.description)
-    return run_cli(lambda: entry.job(config))
+
+    def job() -> object:
+        config.check()  # every value, before any import of the heavy machinery or any work
+        return entry.job(config)
+
+    return run_cli(job, name)
 
 
 def demo_corpus_main(argv: Sequence[str] | None = None) -> int:

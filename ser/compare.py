@@ -16,13 +16,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import mlflow  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 
+from ser import tracking  # noqa: E402
 from ser.atomic import atomic_path, atomic_write_text  # noqa: E402
 from ser.config import CompareConfig  # noqa: E402
 from ser.errors import SerInputError  # noqa: E402
-from ser.tracking import TAG_METHOD, TAG_STAGE  # noqa: E402
+from ser.tracking import TAG_METHOD, TAG_PARENT, TAG_STAGE  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def _chosen_runs(config: CompareConfig) -> list[Run]:
 
 def _get_run(run_id: str) -> Run:
     try:
-        run = mlflow.get_run(run_id)
+        run = tracking.get_run(run_id)
     except Exception as err:
-        raise SerInputError(f"runs: no run {run_id!r} on {mlflow.get_tracking_uri()}") from err
+        raise SerInputError(f"runs: no run {run_id!r} on {tracking.tracking_uri()}") from err
     if "test_UA_mean" not in run.data.metrics:
         raise SerInputError(
             f"runs: run {run_id} has no test_UA_mean metric; pass the parent run of a method "
@@ -87,23 +87,28 @@ def _get_run(run_id: str) -> Run:
 def _newest_per_method(experiment_name: str) -> list[Run]:
     experiments = None
     if experiment_name:
-        experiment = mlflow.get_experiment_by_name(experiment_name)
+        experiment = tracking.experiment_id(experiment_name)
         if experiment is None:
             raise SerInputError(f"experiment_name: no experiment named {experiment_name!r}")
-        experiments = [experiment.experiment_id]
-    found = mlflow.search_runs(
-        experiment_ids=experiments,
-        search_all_experiments=experiments is None,
-        filter_string="attributes.status = 'FINISHED' and metrics.test_UA_mean >= 0",
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
+        experiments = [experiment]
+    found = tracking.search_runs(
+        "attributes.status = 'FINISHED' and metrics.test_UA_mean >= 0",
+        experiment_ids=experiments, order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
     newest: dict[str, Run] = {}
     for run in found:
         method = run.data.tags.get(TAG_METHOD, "?")
-        if run.data.tags.get(TAG_STAGE) == method:  # the method's parent, not its finetune run
-            newest.setdefault(method, run)
+        # The method's parent, not its finetune run, nor a method run inside a search trial.
+        if run.data.tags.get(TAG_STAGE) == method and method not in newest and not _in_trial(run):
+            newest[method] = run
     return [newest[m] for m in sorted(newest, key=_method_rank)]
+
+
+def _in_trial(run: Run) -> bool:
+    parent = run.data.tags.get(TAG_PARENT)
+    return bool(parent) and (
+        tracking.get_run(parent).data.tags.get(TAG_STAGE) == tracking.TRIAL_STAGE
+    )
 
 
 def _method_rank(method: str) -> tuple[int, str]:

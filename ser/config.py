@@ -1,196 +1,508 @@
-"""Typed configuration: one dataclass per job, the only source of defaults.
+"""Typed configuration: one dataclass per job, the only source of defaults and descriptions.
 
-The command line (``ser.cli``), the MLproject file and the Optuna search space all read their
-defaults from these classes, so a default changed here changes everywhere.
+The command line (``ser.cli``, whose ``--help`` shows each ``help`` below), the MLproject file
+and the Optuna search space all read their defaults from these classes, so a default changed
+here changes everywhere. Every config has ``check()``, which refuses bad values before any work
+starts (``ser.checks``).
+
+A method's parameters say which stage they set: ``phase1_lr`` is P-TAPT phase 1's ``lr``,
+``phase2_training_step`` phase 2's ``training_step``; ``lr`` and ``batch_size`` are
+fine-tuning's. :data:`METHOD_STAGES` spells out, per method, how each stage's config is filled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, get_type_hints
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from ser import artifacts, checks
 
 SAMPLE_RATE = 16_000
 EMOTIONS_4 = ("anger", "happy", "neutral", "sad")
-# Field metadata for values the user must give: the CLI and MLproject make them required.
-REQUIRED = {"required": True}
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+METHODS = ("vft", "tapt", "ptapt")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+# Stands for an input that an earlier stage of a method makes at run time.
+PENDING = "runs:/<earlier stage>/"
+
+
+def param(default: Any, help: str, *, required: bool = False) -> Any:
+    """A config field with its one-line description (``--help``, MLproject comments)."""
+    return field(default=default, metadata={"help": help, "required": required})
+
+
+def describe(cls: type[Any], name: str) -> str:
+    """The description of ``cls``'s field ``name``."""
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
+def like(cls: type[Any], name: str, prefix: str = "") -> Any:
+    """A method parameter that sets ``cls``'s field ``name``: its default and description."""
+    default = next(f.default for f in fields(cls) if f.name == name)
+    return param(default, prefix + describe(cls, name))
 
 
 @dataclass
 class DemoCorpusConfig:
     """The built-in synthetic emotional speech corpus (``ser.data.synthetic``)."""
 
-    output_dir: str = "data/demo"
-    num_speakers: int = 4
-    utterances_per_class: int = 12  # per speaker and class
-    min_seconds: float = 1.5
-    max_seconds: float = 4.0
-    seed: int = 0
-    # Also write the same corpus in the IEMOCAP_full_release layout here (for testing the
-    # IEMOCAP preparation end to end); empty: do not.
-    iemocap_layout_dir: str = ""
+    output_dir: str = param("data/demo", "where to write Audio_16k/ and labels/")
+    num_speakers: int = param(4, "speakers; each is one leave-one-speaker-out fold")
+    utterances_per_class: int = param(12, "utterances per speaker and class")
+    min_seconds: float = param(1.5, "shortest utterance, seconds")
+    max_seconds: float = param(4.0, "longest utterance, seconds")
+    seed: int = param(0, "random seed of the synthesis")
+    iemocap_layout_dir: str = param(
+        "", "also write the corpus in the IEMOCAP_full_release layout here; empty: do not"
+    )
+
+    def check(self) -> None:
+        checks.integer(self, "num_speakers", 2)
+        checks.integer(self, "utterances_per_class", 1)
+        checks.positive(self, "min_seconds", "max_seconds")
+        checks.integer(self, "seed", 0)
 
 
 @dataclass
 class PrepareIemocapConfig:
     """IEMOCAP release -> 16 kHz wavs and session-wise label files (``ser.data.iemocap``)."""
 
-    iemocap_dir: str = field(default="", metadata=REQUIRED)
-    output_dir: str = field(default="", metadata=REQUIRED)
+    iemocap_dir: str = param("", "the IEMOCAP_full_release directory", required=True)
+    output_dir: str = param("", "where to write Audio_16k/ and labels/", required=True)
+
+    def check(self) -> None:
+        checks.not_empty(self, "iemocap_dir", "the IEMOCAP_full_release directory")
+        checks.not_empty(self, "output_dir", "a folder to write the prepared corpus to")
 
 
 @dataclass
-class TrainingConfig:
-    """What every training stage shares: data, hardware, precision, checkpoints, seeds."""
+class DataConfig:
+    """Where the corpus is, and the hardware and precision a stage trains with."""
 
-    datadir: str = "data/demo/Audio_16k"  # the audio directory label paths are relative to
-    labeldir: str = "data/demo/labels"  # a folder of fold files
-    labelpath: str = ""  # one fold file; when given, used instead of labeldir
-    output_dir: str = ""  # empty: outputs/<stage>
-    seed: int = 0
-    precision: str = "32"  # 32, 16-mixed or bf16-mixed (GPU precisions fall back to 32 on CPU)
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float = 0.0  # 0: no clipping, as in the original
-    save_top_k: int = 1
-    num_workers: int = 0
-    accelerator: str = "auto"
-    devices: str = "auto"
-    downmix: bool = False  # average multi-channel audio instead of refusing it
-    maxseqlen: float = 10.0  # seconds; longer training audio is cropped at random
+    datadir: str = param("data/demo/Audio_16k", "the audio folder label paths are relative to")
+    labeldir: str = param("data/demo/labels", "a folder of fold files (label JSON)")
+    labelpath: str = param("", "one fold file; when given, used instead of labeldir")
+    seed: int = param(0, "random seed (initialisation, masks, crops, batch order)")
+    precision: str = param("32", "32, 16-mixed or bf16-mixed (GPU precisions: 32 on a CPU)")
+    num_workers: int = param(0, "data-loading worker processes")
+    accelerator: str = param("auto", f"Lightning accelerator: {', '.join(ACCELERATORS)}")
+    devices: str = param("auto", "devices per machine: auto, a count, -1 (all) or ids 0,1")
+    downmix: bool = param(False, "average multi-channel audio instead of refusing it")
+    maxseqlen: float = param(10.0, "seconds; longer training audio is cropped at random")
+
+    def check(self) -> None:
+        checks.integer(self, "seed", 0)
+        checks.one_of(self, "precision", PRECISIONS)
+        checks.integer(self, "num_workers", 0)
+        checks.one_of(self, "accelerator", ACCELERATORS)
+        _check_devices(self)
+        checks.positive(self, "maxseqlen")
+        _check_maxseqlen(self)
+
+
+def _check_devices(config: Any) -> None:
+    text = str(config.devices).replace(" ", "")
+    ids = text.split(",")
+    if text in ("auto", "-1"):
+        return
+    if all(part.isdigit() for part in ids) and (len(ids) > 1 or int(text) >= 1):
+        return
+    raise checks.ConfigError(
+        "devices", config.devices, "is not a device count: give auto, a number >= 1, -1 (all) "
+        "or device ids such as 0,1"
+    )
+
+
+def _check_maxseqlen(config: Any) -> None:
+    from ser.data.frames import receptive_field  # torch: only when a config is checked
+
+    if int(config.maxseqlen * SAMPLE_RATE) < receptive_field():
+        raise checks.ConfigError(
+            "maxseqlen", config.maxseqlen,
+            f"s is shorter than one wav2vec 2.0 frame ({receptive_field() / SAMPLE_RATE} s); "
+            "the recipe uses 10",
+        )
+
+
+@dataclass
+class TrainingConfig(DataConfig):
+    """What every training stage shares besides data: outputs, accumulation, clipping."""
+
+    output_dir: str = param("", "where the stage writes; empty: outputs/<stage>")
+    accumulate_grad_batches: int = param(1, "batches per optimizer step")
+    gradient_clip_val: float = param(0.0, "gradient norm clipping; 0: none, as in the original")
+    save_top_k: int = param(1, "best checkpoints kept (-1: all)")
+
+    def check(self) -> None:
+        super().check()
+        checks.integer(self, "accumulate_grad_batches", 1)
+        checks.in_range(self, "gradient_clip_val", 0, float("inf"), high_open=True)
+        if self.save_top_k < 1 and self.save_top_k != -1:
+            raise checks.ConfigError(
+                "save_top_k", self.save_top_k, "must keep the best checkpoint (1 or more) or all "
+                "(-1)"
+            )
+
+
+def _check_steps(config: Any) -> None:
+    """What a step-based stage (TAPT, phase 1, phase 2) needs of its numbers."""
+    checks.positive(config, "lr")
+    for name in ("batch_size", "training_step", "checkpoint_every"):
+        checks.integer(config, name, 1)
+
+
+def _check_warmup(config: Any) -> None:
+    if not 0 <= config.warmup_step <= config.training_step:
+        raise checks.ConfigError(
+            "warmup_step", config.warmup_step,
+            f"must be between 0 and {{training_step}}={config.training_step}",
+        )
 
 
 @dataclass
 class FinetuneConfig(TrainingConfig):
     """Fine-tuning on emotion labels: V-FT, and the last stage of TAPT and P-TAPT."""
 
-    backbone: str = "tiny"  # preset, HF directory or hub name, fairseq .pt, or our checkpoint
-    pretrained_path: str = ""  # an earlier stage's backbone (path or runs:/ URI): wins over it
-    classes: str = ""  # comma-separated; empty: the sorted labels of every fold file
-    lr: float = 1e-3  # the paper: 1e-4 (pretrained base); the tiny demo model needs more
-    batch_size: int = 16  # the paper: 64; smaller gives the 96-file demo folds more steps
-    max_epochs: int = 15
-    num_exps: int = 1  # repeats per fold, differing by seed
-    mask_time_prob: float = 0.08
-    mask_feature_prob: float = 0.05
+    backbone: str = param(
+        "tiny", "wav2vec 2.0: preset (tiny, base, large), HF folder or hub name, fairseq .pt"
+    )
+    pretrained_path: str = param(
+        "", "an earlier stage's backbone (path or runs:/ URI); wins over backbone"
+    )
+    classes: str = param("", "comma-separated classes; empty: the sorted labels of the folds")
+    lr: float = param(1e-3, "fine-tuning learning rate (the paper: 1e-4 for wav2vec2-base)")
+    batch_size: int = param(16, "fine-tuning batch size (the paper: 64)")
+    max_epochs: int = param(15, "fine-tuning epochs per run")
+    num_exps: int = param(1, "repeats per fold, differing by seed")
+    mask_time_prob: float = param(0.08, "share of frames masked in time (SpecAugment)")
+    mask_feature_prob: float = param(0.05, "share of channels masked (SpecAugment)")
+
+    def check(self) -> None:
+        super().check()
+        checks.positive(self, "lr")
+        for name in ("batch_size", "max_epochs", "num_exps"):
+            checks.integer(self, name, 1)
+        checks.in_range(self, "mask_time_prob", 0, 1)
+        checks.in_range(self, "mask_feature_prob", 0, 1)
 
 
 @dataclass
 class TaptConfig(TrainingConfig):
     """TAPT: continued wav2vec 2.0 pretraining (contrastive + diversity loss) on Train audio."""
 
-    backbone: str = "tiny"
-    lr: float = 1e-4
-    batch_size: int = 16  # sets the dynamic batch: 250 s of audio per 64; the paper: 64
-    training_step: int = 200  # the paper: 20000 (IEMOCAP)
-    warmup_step: int = 20  # the paper: 100
-    gradient_clip_val: float = 1.0  # departs from the original: keeps mixed precision NaN-free
-    checkpoint_every: int = 100  # steps between last.ckpt saves (resume points)
+    backbone: str = like(FinetuneConfig, "backbone")
+    lr: float = param(1e-4, "pretraining learning rate (the paper: 1e-4)")
+    batch_size: int = param(16, "sets the dynamic batch, 250 s of audio per 64 (the paper: 64)")
+    training_step: int = param(200, "pretraining steps (the paper: 20000 on IEMOCAP)")
+    warmup_step: int = param(20, "learning-rate warmup steps (the paper: 100)")
+    gradient_clip_val: float = param(
+        1.0, "gradient norm clipping (departs from the original: keeps fp16 NaN-free)"
+    )
+    checkpoint_every: int = param(100, "steps between resume checkpoints")
+
+    def check(self) -> None:
+        super().check()
+        _check_steps(self)
+        _check_warmup(self)
 
 
 @dataclass
 class Phase1Config(TrainingConfig):
     """P-TAPT phase 1: the wav2vec 1.0 emotion model trained on utterance labels."""
 
-    w2v1: str = "tiny"  # preset, fairseq wav2vec_large.pt, or our saved directory
-    classes: str = ""
-    lr: float = 1e-4
-    batch_size: int = 64
-    training_step: int = 200  # the paper: 10000
-    warmup_fraction: float = 0.05
-    valid_fraction: float = 0.1  # of Train, held out at random (fixed seed) for checkpointing
-    checkpoint_every: int = 50
+    w2v1: str = param("tiny", "wav2vec 1.0: preset, fairseq wav2vec_large.pt, or our w2v1/")
+    classes: str = like(FinetuneConfig, "classes")
+    lr: float = param(1e-4, "phase-1 learning rate (the paper: 1e-4)")
+    batch_size: int = param(64, "phase-1 batch size (the paper: 64)")
+    training_step: int = param(200, "phase-1 steps (the paper: 10000)")
+    warmup_fraction: float = param(0.05, "share of training_step warming up the learning rate")
+    valid_fraction: float = param(0.1, "share of Train held out (seeded) to pick the checkpoint")
+    checkpoint_every: int = param(50, "steps between validations and checkpoints")
+
+    def check(self) -> None:
+        super().check()
+        _check_steps(self)
+        checks.in_range(self, "valid_fraction", 0, 1, low_open=True, high_open=True)
+        checks.in_range(self, "warmup_fraction", 0, 1, high_open=True)
 
 
 @dataclass
 class ClusterConfig:
     """k-means pseudo-labels from phase-1 frame features, one label file per cluster count."""
 
-    datadir: str = "data/demo/Audio_16k"
-    labeldir: str = "data/demo/labels"
-    labelpath: str = ""
-    output_dir: str = ""
-    pretrained_path: str = ""  # the phase-1 model (directory, checkpoint or runs:/ URI)
-    num_clusters: tuple[int, ...] = (8, 32)  # the paper: 64,512,4096
-    sample_ratio: float = 1.0  # share of each utterance's frames that k-means trains on
-    sample_cap_per_centroid: int = 1000  # k-means trains on at most this many frames x max(k)
-    niter: int = 20
-    seed: int = 0
-    downmix: bool = False
+    datadir: str = like(DataConfig, "datadir")
+    labeldir: str = like(DataConfig, "labeldir")
+    labelpath: str = like(DataConfig, "labelpath")
+    output_dir: str = like(TrainingConfig, "output_dir")
+    pretrained_path: str = param("", "the phase-1 model: folder, checkpoint or runs:/ URI")
+    num_clusters: tuple[int, ...] = param((8, 32), "cluster counts (the paper: 64,512,4096)")
+    sample_ratio: float = param(1.0, "share of each utterance's frames k-means trains on")
+    sample_cap_per_centroid: int = param(1000, "k-means trains on at most this x max(k) frames")
+    niter: int = param(20, "k-means iterations")
+    seed: int = like(DataConfig, "seed")
+    downmix: bool = like(DataConfig, "downmix")
+
+    def check(self) -> None:
+        ks = list(self.num_clusters)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in ks):
+            raise checks.ConfigError(
+                "num_clusters", ",".join(map(str, ks)),
+                "must list one or more cluster counts, each an integer >= 2",
+            )
+        if len(set(ks)) != len(ks):
+            raise checks.ConfigError(
+                "num_clusters", ",".join(map(str, ks)), "repeats a cluster count; give each once"
+            )
+        checks.in_range(self, "sample_ratio", 0, 1, low_open=True)
+        checks.integer(self, "sample_cap_per_centroid", 1)
+        checks.integer(self, "niter", 1)
+        checks.integer(self, "seed", 0)
+        checks.not_empty(self, "pretrained_path", "the phase-1 model (its output_dir or w2v1/)")
 
 
 @dataclass
 class Phase2Config(TrainingConfig):
     """P-TAPT phase 2: wav2vec 2.0 trained to predict every frame's cluster labels."""
 
-    backbone: str = "tiny"
-    clusterpath: str = ""  # the merged cluster-label JSON (path or runs:/ URI)
-    lr: float = 1e-4
-    batch_size: int = 16  # sets the dynamic batch as in TaptConfig; the paper: 64
-    training_step: int = 200  # the paper: 20000
-    warmup_step: int = 20  # the paper: 100
-    mask_time_prob: float = 0.06
-    checkpoint_every: int = 100
+    backbone: str = like(FinetuneConfig, "backbone")
+    clusterpath: str = param("", "the clustering output or a merged clusters.json (or runs:/)")
+    lr: float = param(1e-4, "phase-2 learning rate (the paper: 1e-4)")
+    batch_size: int = param(16, "sets the dynamic batch, 250 s of audio per 64 (the paper: 64)")
+    training_step: int = param(200, "phase-2 steps (the paper: 20000)")
+    warmup_step: int = param(20, "learning-rate warmup steps (the paper: 100)")
+    mask_time_prob: float = param(0.06, "share of frames masked; the loss is on masked frames")
+    checkpoint_every: int = param(100, "steps between resume checkpoints")
+
+    def check(self) -> None:
+        super().check()
+        _check_steps(self)
+        _check_warmup(self)
+        checks.in_range(self, "mask_time_prob", 0, 1, low_open=True)
+        checks.not_empty(self, "clusterpath", "the clustering stage's output or clusters.json")
 
 
 @dataclass
 class CompareConfig:
     """A table and a bar chart comparing finished method runs (V-FT, TAPT, P-TAPT)."""
 
-    runs: str = ""  # comma-separated run ids; empty: the newest finished run of each method
-    experiment_name: str = ""  # where to look when runs is empty; empty: every experiment
-    output_dir: str = "outputs/compare"
+    runs: str = param("", "comma-separated run ids; empty: the newest finished run per method")
+    experiment_name: str = param("", "where to look when runs is empty; empty: everywhere")
+    output_dir: str = param("outputs/compare", "where to write the table and chart")
+
+    def check(self) -> None:
+        checks.not_empty(self, "output_dir", "a folder for the table and chart")
+
+
+# --- options of entry points that change tracking, not results --------------------------------
 
 
 @dataclass
-class MethodConfig:
-    """V-FT: fine-tuning alone. What every method shares: data, fine-tuning, tracking.
-
-    Defaults are read off the stage configs, so a stage default changed there changes here.
-    """
-
-    datadir: str = TrainingConfig.datadir
-    labeldir: str = TrainingConfig.labeldir
-    labelpath: str = TrainingConfig.labelpath
-    output_root: str = "outputs"  # each stage writes to <output_root>/<stage>/<reuse key>
-    seed: int = TrainingConfig.seed
-    precision: str = TrainingConfig.precision
-    num_workers: int = TrainingConfig.num_workers
-    accelerator: str = TrainingConfig.accelerator
-    devices: str = TrainingConfig.devices
-    downmix: bool = TrainingConfig.downmix
-    maxseqlen: float = TrainingConfig.maxseqlen
-    backbone: str = FinetuneConfig.backbone
-    classes: str = FinetuneConfig.classes
-    lr: float = FinetuneConfig.lr  # fine-tuning
-    batch_size: int = FinetuneConfig.batch_size  # fine-tuning
-    max_epochs: int = FinetuneConfig.max_epochs
-    num_exps: int = FinetuneConfig.num_exps
-    force: bool = False  # recompute stages even when a finished identical run exists
-    register_as: str = ""  # register the fine-tuned model under this name in the registry
+class ForceOption:
+    force: bool = param(False, "recompute stages even when a finished identical run exists")
 
 
 @dataclass
-class TaptMethodConfig(MethodConfig):
+class RegisterOption:
+    register_as: str = param("", "register the fine-tuned model under this name")
+
+
+@dataclass
+class FinetuneEntry(RegisterOption, ForceOption, FinetuneConfig):
+    """The ``finetune`` entry point."""
+
+
+@dataclass
+class TaptEntry(ForceOption, TaptConfig):
+    """The ``tapt_pretrain`` entry point."""
+
+
+@dataclass
+class Phase1Entry(ForceOption, Phase1Config):
+    """The ``pretrain_w2v1`` entry point."""
+
+
+@dataclass
+class ClusterEntry(ForceOption, ClusterConfig):
+    """The ``cluster`` entry point."""
+
+
+@dataclass
+class Phase2Entry(ForceOption, Phase2Config):
+    """The ``pretrain_w2v2`` entry point."""
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """How a method fills one stage's config: ``renames`` maps a stage field to the method
+    parameter that sets it (a field of the same name otherwise), ``chained`` a stage field to
+    the earlier stage and output that make it at run time. Other fields keep their default."""
+
+    stage: str  # the stage's entry point name
+    config_cls: type[Any]
+    renames: Mapping[str, str] = field(default_factory=dict)
+    chained: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def build(self, method: Any, inputs: Mapping[str, str]) -> Any:
+        """The stage's config from ``method``'s values and the earlier stages' URIs."""
+        values: dict[str, Any] = {}
+        for f in fields(self.config_cls):
+            source = self.renames.get(f.name, f.name)
+            if f.name in self.chained:
+                values[f.name] = inputs[f.name]
+            elif f.name != "output_dir" and hasattr(method, source):
+                values[f.name] = getattr(method, source)
+        return self.config_cls(**values)
+
+    def check(self, method: Any) -> None:
+        """The stage's checks, naming the method's parameters in any error."""
+        config = self.build(method, {name: PENDING for name in self.chained})
+        try:
+            config.check()
+        except checks.ConfigError as err:
+            raise err.renamed(self.renames) from None
+
+
+def _prefixed(prefix: str, *names: str) -> dict[str, str]:
+    return {name: f"{prefix}_{name}" for name in names}
+
+
+_STEP_KNOBS = ("lr", "batch_size", "training_step")
+_TAPT_RENAMES = _prefixed("tapt", *_STEP_KNOBS, "warmup_step")
+_PHASE1_RENAMES = _prefixed("phase1", *_STEP_KNOBS)
+_PHASE2_RENAMES = _prefixed("phase2", *_STEP_KNOBS, "warmup_step")
+
+
+def _finetune_after(stage: str) -> StageParams:
+    return StageParams("finetune", FinetuneConfig,
+                       chained={"pretrained_path": (stage, artifacts.BACKBONE)})
+
+
+METHOD_STAGES: dict[str, tuple[StageParams, ...]] = {
+    "vft": (StageParams("finetune", FinetuneConfig),),
+    "tapt": (
+        StageParams("tapt_pretrain", TaptConfig, renames=_TAPT_RENAMES),
+        _finetune_after("tapt_pretrain"),
+    ),
+    "ptapt": (
+        StageParams("pretrain_w2v1", Phase1Config, renames=_PHASE1_RENAMES),
+        StageParams("cluster", ClusterConfig,
+                    chained={"pretrained_path": ("pretrain_w2v1", artifacts.W2V1)}),
+        StageParams("pretrain_w2v2", Phase2Config, renames=_PHASE2_RENAMES,
+                    chained={"clusterpath": ("cluster", artifacts.CLUSTERS)}),
+        _finetune_after("pretrain_w2v2"),
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class MethodData(DataConfig):
+    """What every method shares besides fine-tuning's tuned values: data, hardware, backbone."""
+
+    output_root: str = param("outputs", "each stage writes to <output_root>/<stage>/<reuse key>")
+    backbone: str = like(FinetuneConfig, "backbone")
+    classes: str = like(FinetuneConfig, "classes")
+    max_epochs: int = like(FinetuneConfig, "max_epochs")
+    num_exps: int = like(FinetuneConfig, "num_exps")
+
+
+@dataclass
+class FinetuneTuned:
+    """Fine-tuning's values that a search tunes."""
+
+    lr: float = like(FinetuneConfig, "lr")
+    batch_size: int = like(FinetuneConfig, "batch_size")
+
+
+@dataclass
+class TaptParams:
+    """TAPT pretraining's own values inside the ``tapt`` method."""
+
+    tapt_lr: float = like(TaptConfig, "lr", "TAPT: ")
+    tapt_batch_size: int = like(TaptConfig, "batch_size", "TAPT: ")
+    tapt_training_step: int = like(TaptConfig, "training_step", "TAPT: ")
+    tapt_warmup_step: int = like(TaptConfig, "warmup_step", "TAPT: ")
+
+
+@dataclass
+class Phase1Params:
+    """P-TAPT phase 1's own values inside the ``ptapt`` method."""
+
+    w2v1: str = like(Phase1Config, "w2v1")
+    phase1_lr: float = like(Phase1Config, "lr")
+    phase1_batch_size: int = like(Phase1Config, "batch_size")
+    phase1_training_step: int = like(Phase1Config, "training_step")
+
+
+@dataclass
+class ClusterSampleParams:
+    sample_ratio: float = like(ClusterConfig, "sample_ratio")
+
+
+@dataclass
+class ClusterCountParams:
+    num_clusters: tuple[int, ...] = like(ClusterConfig, "num_clusters")
+
+
+@dataclass
+class Phase2Params:
+    """P-TAPT phase 2's own values inside the ``ptapt`` method."""
+
+    phase2_lr: float = like(Phase2Config, "lr")
+    phase2_batch_size: int = like(Phase2Config, "batch_size")
+    phase2_training_step: int = like(Phase2Config, "training_step")
+    phase2_warmup_step: int = like(Phase2Config, "warmup_step")
+
+
+class _Method:
+    """A method's checks: every stage's config, built as the method will build it."""
+
+    METHOD: ClassVar[str] = ""
+
+    def stage_params(self) -> tuple[StageParams, ...]:
+        return METHOD_STAGES[self.METHOD]
+
+    def check(self) -> None:
+        checks.not_empty(self, "output_root", "a folder for the stages' outputs")
+        for stage in self.stage_params():
+            stage.check(self)
+
+
+@dataclass
+class MethodConfig(_Method, RegisterOption, ForceOption, FinetuneTuned, MethodData):
+    """V-FT: fine-tuning alone."""
+
+    METHOD: ClassVar[str] = "vft"
+
+
+@dataclass
+class TaptMethodConfig(_Method, RegisterOption, ForceOption, TaptParams, FinetuneTuned,
+                       MethodData):
     """TAPT: continued wav2vec 2.0 pretraining on each fold's Train audio, then fine-tuning."""
 
-    pretrain_lr: float = TaptConfig.lr
-    pretrain_batch_size: int = TaptConfig.batch_size
-    training_step: int = TaptConfig.training_step
-    warmup_step: int = TaptConfig.warmup_step
+    METHOD: ClassVar[str] = "tapt"
 
 
 @dataclass
-class PtaptMethodConfig(MethodConfig):
+class PtaptMethodConfig(_Method, RegisterOption, ForceOption, Phase2Params, ClusterSampleParams,
+                        ClusterCountParams, Phase1Params, FinetuneTuned, MethodData):
     """P-TAPT: wav2vec 1.0 emotion model -> k-means pseudo-labels -> wav2vec 2.0 -> fine-tuning."""
 
-    w2v1: str = Phase1Config.w2v1
-    w2v1_training_step: int = Phase1Config.training_step
-    num_clusters: tuple[int, ...] = ClusterConfig.num_clusters
-    sample_ratio: float = ClusterConfig.sample_ratio
-    pretrain_lr: float = Phase2Config.lr
-    pretrain_batch_size: int = Phase2Config.batch_size
-    training_step: int = Phase2Config.training_step
-    warmup_step: int = Phase2Config.warmup_step
+    METHOD: ClassVar[str] = "ptapt"
 
+
+METHOD_CONFIGS: dict[str, type[Any]] = {
+    "vft": MethodConfig, "tapt": TaptMethodConfig, "ptapt": PtaptMethodConfig,
+}  # fmt: skip
+
+
+# --- search -------------------------------------------------------------------------------------
 
 
 def _scaled_sets(base: tuple[int, ...], factors: tuple[int, ...]) -> str:
@@ -198,65 +510,107 @@ def _scaled_sets(base: tuple[int, ...], factors: tuple[int, ...]) -> str:
     return ";".join(",".join(str(k * f) for k in base) for f in factors)
 
 
+def parse_cluster_sets(text: str) -> tuple[tuple[int, ...], ...]:
+    """``"8,32;16,64"`` -> ``((8, 32), (16, 64))``, without repeats."""
+    sets = []
+    for part in (p.strip() for p in text.split(";")):
+        try:
+            counts = tuple(int(k) for k in part.replace(" ", "").split(","))
+        except ValueError:
+            counts = ()
+        if not counts or min(counts) < 2:
+            raise checks.ConfigError(
+                "num_clusters_choices", text, "must be cluster-count sets of integers >= 2, ',' "
+                "within a set and ';' between sets, e.g. 8,32;16,64",
+            )
+        sets.append(counts)
+    return tuple(dict.fromkeys(sets))
+
+
+_FT_LR, _FT_BATCH = FinetuneConfig.lr, FinetuneConfig.batch_size
+
+
 @dataclass
 class SearchSpaceConfig:
-    """An Optuna search (``ser.search``): its space, its budget, where its study lives.
+    """An Optuna search's space, budget and study (``ser.search``).
 
     The ranges default to the stage configs: fine-tuning's lr / 10 .. x 10 (log scale), half,
     once and twice its batch size, P-TAPT's cluster-count set as it is and doubled. A range of
     one value is fixed, not tuned.
     """
 
-    method: str = "ptapt"  # vft, tapt or ptapt
-    n_trials: int = 10  # of the whole study (every worker, every resume): complete+pruned+running
-    timeout: float = 0.0  # seconds after which this worker starts no new trial; 0: none
-    study_name: str = ""  # empty: ser-<method>
-    storage: str = ""  # SQLAlchemy URL; empty: SQLite optuna.db beside the MLflow database
-    sampler: str = "tpe"  # tpe or random
-    sampler_seed: int = 0
-    pruner: str = "median"  # median or none
-    pruner_startup_trials: int = 2  # complete trials before any pruning
-    pruner_warmup_steps: int = FinetuneConfig.max_epochs // 3  # validations before pruning
-    lr_min: float = FinetuneConfig.lr / 10  # fine-tuning learning rate, log scale
-    lr_max: float = FinetuneConfig.lr * 10
-    batch_sizes: tuple[int, ...] = (
-        FinetuneConfig.batch_size // 2, FinetuneConfig.batch_size, FinetuneConfig.batch_size * 2
-    )  # fmt: skip
-    # P-TAPT only: cluster-count sets separated by ';'
-    num_clusters_choices: str = _scaled_sets(ClusterConfig.num_clusters, (1, 2))
+    method: str = param("ptapt", f"the method a trial runs: {', '.join(METHODS)}")
+    n_trials: int = param(10, "trials of the whole study: complete + pruned + running")
+    timeout: float = param(0.0, "seconds after which this worker starts no trial; 0: none")
+    study_name: str = param("", "Optuna study name; empty: ser-<method>")
+    storage: str = param("", "SQLAlchemy URL; empty: SQLite optuna.db beside the MLflow db")
+    sampler: str = param("tpe", f"Optuna sampler: {', '.join(SAMPLERS)}")
+    sampler_seed: int = param(0, "seed of the sampler (mixed with the trial number)")
+    pruner: str = param("median", f"Optuna pruner: {', '.join(PRUNERS)}")
+    pruner_startup_trials: int = param(2, "complete trials before any pruning")
+    pruner_warmup_steps: int = param(FinetuneConfig.max_epochs // 3,
+                                     "validations of a trial before it can be pruned")
+    lr_min: float = param(_FT_LR / 10, "fine-tuning learning rate, low end (log scale)")
+    lr_max: float = param(_FT_LR * 10, "fine-tuning learning rate, high end")
+    batch_sizes: tuple[int, ...] = param(
+        (_FT_BATCH // 2, _FT_BATCH, _FT_BATCH * 2), "fine-tuning batch sizes to try"
+    )
+    num_clusters_choices: str = param(
+        _scaled_sets(ClusterConfig.num_clusters, (1, 2)),
+        "P-TAPT only: cluster-count sets, ';' between sets",
+    )
 
 
-# What the search tunes (ranges above instead), and what concerns one run, not a search.
-SEARCH_TUNED = ("lr", "batch_size", "num_clusters")
-_NOT_IN_SEARCH = ("force", "register_as")
+@dataclass
+class SearchConfig(Phase2Params, ClusterSampleParams, Phase1Params, TaptParams, MethodData,
+                   SearchSpaceConfig):
+    """The search's parameters: its space and budget, then every method setting it does not
+    tune (fixed for the whole study)."""
 
-# The search's parameters: its space and budget, then every other P-TAPT (hence V-FT and TAPT)
-# method setting, fixed for the whole study.
-SearchConfig = make_dataclass(
-    "SearchConfig",
-    [
-        (f.name, get_type_hints(PtaptMethodConfig)[f.name], field(default=f.default))
-        for f in fields(PtaptMethodConfig)
-        if f.name not in SEARCH_TUNED + _NOT_IN_SEARCH
-    ],
-    bases=(SearchSpaceConfig,),
-)
-SearchConfig.__module__ = __name__
+    TUNED: ClassVar[tuple[str, ...]] = ("lr", "batch_size", "num_clusters")
 
-def with_tracking(config_cls: type[Any]) -> type[Any]:
-    """A stage's config plus what its standalone entry point adds: ``force`` (and, for
-    fine-tuning, ``register_as``), which change tracking, not results."""
-    extra: list[tuple[str, type, Any]] = [("force", bool, field(default=False))]
-    if config_cls is FinetuneConfig:
-        extra.append(("register_as", str, field(default="")))
-    return make_dataclass(f"{config_cls.__name__}Entry", extra, bases=(config_cls,))
+    def check(self) -> None:
+        checks.one_of(self, "method", METHODS)
+        for name, low in (("n_trials", 1), ("pruner_startup_trials", 0),
+                          ("pruner_warmup_steps", 0), ("sampler_seed", 0)):  # fmt: skip
+            checks.integer(self, name, low)
+        checks.in_range(self, "timeout", 0, float("inf"), high_open=True)
+        checks.one_of(self, "sampler", SAMPLERS)
+        checks.one_of(self, "pruner", PRUNERS)
+        checks.positive(self, "lr_min", "lr_max")
+        if self.lr_min > self.lr_max:
+            raise checks.ConfigError(
+                "lr_min", self.lr_min, f"must be <= lr_max={self.lr_max} (equal: lr is fixed)"
+            )
+        sizes = tuple(self.batch_sizes)
+        if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+            raise checks.ConfigError(
+                "batch_sizes", ",".join(map(str, sizes)), "must be integers >= 1, e.g. 8,16,32"
+            )
+        counts = parse_cluster_sets(self.num_clusters_choices)
+        for values in self.corners(counts):
+            self.method_config(values).check()
+
+    def corners(self, counts: tuple[tuple[int, ...], ...]) -> Iterator[dict[str, Any]]:
+        """The space's extreme points, each checked as a trial would run it."""
+        for lr in (self.lr_min, self.lr_max):
+            for batch_size in (min(self.batch_sizes), max(self.batch_sizes)):
+                for num_clusters in counts:
+                    yield {"lr": lr, "batch_size": batch_size, "num_clusters": num_clusters}
+
+    def method_config(self, values: Mapping[str, Any]) -> Any:
+        """The method's config: this search's fixed settings plus one trial's ``values``."""
+        cls = METHOD_CONFIGS[self.method]
+        names = {f.name for f in fields(cls)}
+        fixed = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        return cls(**{**fixed, **{k: v for k, v in values.items() if k in names}})
 
 
-# The stage entry points of MLproject: name, config, description.
-STAGE_ENTRY_POINTS: tuple[tuple[str, type[Any], str], ...] = (
-    ("pretrain_w2v1", Phase1Config, "P-TAPT phase 1: train the wav2vec 1.0 emotion model."),
-    ("cluster", ClusterConfig, "P-TAPT: k-means pseudo-labels from phase-1 frame features."),
-    ("pretrain_w2v2", Phase2Config, "P-TAPT phase 2: wav2vec 2.0 on frame pseudo-labels."),
-    ("tapt_pretrain", TaptConfig, "TAPT: continued wav2vec 2.0 pretraining on Train audio."),
-    ("finetune", FinetuneConfig, "Fine-tune wav2vec 2.0 on emotion labels (all folds)."),
-)
+# The entry points that are stages: name -> (their parameters, description).
+STAGE_ENTRY_POINTS: dict[str, tuple[type[Any], str]] = {
+    "pretrain_w2v1": (Phase1Entry, "P-TAPT phase 1: train the wav2vec 1.0 emotion model."),
+    "cluster": (ClusterEntry, "P-TAPT: k-means pseudo-labels from phase-1 frame features."),
+    "pretrain_w2v2": (Phase2Entry, "P-TAPT phase 2: wav2vec 2.0 on frame pseudo-labels."),
+    "tapt_pretrain": (TaptEntry, "TAPT: continued wav2vec 2.0 pretraining on Train audio."),
+    "finetune": (FinetuneEntry, "Fine-tune wav2vec 2.0 on emotion labels (all folds)."),
+}

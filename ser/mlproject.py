@@ -37,15 +37,17 @@ def _quote(text: str) -> str:
 
 def _entry_point(name: str, config_cls: type[Any]) -> list[str]:
     hints = typing.get_type_hints(config_cls)
-    lines = [f"  {name}:", "    parameters:"]
+    lines = [f"  # {_ENTRIES[name].description}", f"  {name}:", "    parameters:"]
     flags = []
     for field in dataclasses.fields(config_cls):
         kind = _mlflow_type(hints[field.name])
         if field.metadata.get("required"):
-            lines.append(f"      {field.name}: {kind}")
+            line = f"      {field.name}: {kind}"
         else:
             default = _quote(_default_text(field.default))
-            lines.append(f"      {field.name}: {{type: {kind}, default: {default}}}")
+            line = f"      {field.name}: {{type: {kind}, default: {default}}}"
+        help_text = field.metadata.get("help", "")
+        lines.append(f"{line}  # {help_text}" if help_text else line)
         flags.append(f"--{field.name} {{{field.name}}}")
     lines.append(f'    command: "python entrypoints/{name}.py {" ".join(flags)}"')
     return lines

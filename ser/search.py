@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
 import numpy as np
 import optuna
 import pytorch_lightning as pl
@@ -55,19 +54,19 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
-from ser import pipelines, tracking
+from ser import pipelines, tracking, training
+from ser.config import METHOD_STAGES, parse_cluster_sets
 from ser.data.labels import LabelFile
 from ser.errors import SerInputError
-from ser.stages import common
 
 if TYPE_CHECKING:
     from ser.config import SearchConfig
-    from ser.stages.finetune import CallbackFactory
+    from ser.stages.contract import CallbackFactory
 
 log = logging.getLogger(__name__)
 
 STAGE = "search"
-TRIAL_STAGE = "trial"
+TRIAL_STAGE = tracking.TRIAL_STAGE
 TAG_TRIAL = "ser.trial"
 TAG_TRIAL_STATE = "ser.trial_state"
 TAG_STUDY = "ser.study"
@@ -78,8 +77,6 @@ ATTR_SETTINGS = "ser.settings"  # study user attribute: what a resumed search mu
 MONITOR = "valid_UA"
 OBJECTIVE = "valid_UA_mean"
 TARGET_NAME = "Validation UA (%)"
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "none")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 SQLITE_TIMEOUT_S = 60  # several workers on one SQLite file wait for its lock this long
 OPEN_ATTEMPTS = 3
@@ -144,28 +141,15 @@ class SearchResult:
 
 
 def check_config(config: SearchConfig) -> tuple[SearchSpace, list[LabelFile]]:
-    """The search space and the folds, after refusing every bad setting, and data without a Val
+    """The search space and the folds, after refusing every bad setting (``config.check()``:
+    the search's own, and the method's at the corners of the space), and data without a Val
     split."""
-    if config.method not in pipelines.METHODS:
-        raise SerInputError(
-            f"method={config.method!r}: choose one of {', '.join(pipelines.METHODS)}"
-        )
-    for name, low in (("n_trials", 1), ("pruner_startup_trials", 0), ("pruner_warmup_steps", 0),
-                      ("sampler_seed", 0), ("max_epochs", 1)):  # fmt: skip
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SerInputError(f"{name}={value!r} must be an integer >= {low}")
-    if not config.timeout >= 0:
-        raise SerInputError(f"timeout={config.timeout} must be >= 0 seconds (0: no limit)")
-    for name, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
-        if getattr(config, name) not in allowed:
-            raise SerInputError(
-                f"{name}={getattr(config, name)!r}: choose one of {', '.join(allowed)}"
-            )
+    config.check()
+    clusters = "cluster" in {step.stage for step in METHOD_STAGES[config.method]}
     space = SearchSpace(
-        lr=_lr_range(config.lr_min, config.lr_max),
-        batch_sizes=_batch_sizes(config.batch_sizes),
-        num_clusters=_cluster_sets(config.num_clusters_choices) if config.method == "ptapt" else (),
+        lr=(float(config.lr_min), float(config.lr_max)),
+        batch_sizes=tuple(dict.fromkeys(config.batch_sizes)),
+        num_clusters=parse_cluster_sets(config.num_clusters_choices) if clusters else (),
     )
     return space, _folds_with_val(config)
 
@@ -174,43 +158,8 @@ def _counts_text(counts: tuple[int, ...]) -> str:
     return ",".join(map(str, counts))
 
 
-def _lr_range(low: float, high: float) -> tuple[float, float]:
-    if not 0 < low <= high:
-        raise SerInputError(
-            f"lr_min={low}, lr_max={high}: need 0 < lr_min <= lr_max (equal: lr fixed, not tuned)"
-        )
-    return float(low), float(high)
-
-
-def _batch_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
-    unique = tuple(dict.fromkeys(sizes))
-    if not unique or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in unique):
-        raise SerInputError(
-            f"batch_sizes={','.join(map(str, sizes))!r}: give one or more integers >= 1, "
-            "comma-separated, e.g. 8,16,32"
-        )
-    return unique
-
-
-def _cluster_sets(text: str) -> tuple[tuple[int, ...], ...]:
-    """``"8,32;16,64"`` -> ``((8, 32), (16, 64))``."""
-    sets = []
-    for part in (p.strip() for p in text.split(";")):
-        try:
-            counts = tuple(int(k) for k in part.replace(" ", "").split(","))
-        except ValueError:
-            counts = ()
-        if not counts or min(counts) < 2:
-            raise SerInputError(
-                f"num_clusters_choices={text!r}: give cluster-count sets of integers >= 2, "
-                "',' within a set and ';' between sets, e.g. 8,32;16,64"
-            )
-        sets.append(counts)
-    return tuple(dict.fromkeys(sets))
-
-
 def _folds_with_val(config: SearchConfig) -> list[LabelFile]:
-    folds = common.load_folds(config)
+    folds = training.load_folds(config)
     without = [str(fold.path) for fold in folds if not fold.val]
     if without:
         raise SerInputError(
@@ -227,7 +176,7 @@ def _folds_with_val(config: SearchConfig) -> list[LabelFile]:
 def default_storage() -> str:
     """SQLite ``optuna.db`` beside the MLflow database when that is SQLite, else in the working
     directory."""
-    uri = mlflow.get_tracking_uri()
+    uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
     return "sqlite:///optuna.db"
@@ -288,13 +237,12 @@ def _dead_worker_trial(study: Study, trial: FrozenTrial) -> None:
                 f", with its MLflow run {run_id}" if run_id else "")  # fmt: skip
     if not run_id:
         return
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, TAG_TRIAL_STATE, TrialState.FAIL.name)
+    tracking.set_tags({TAG_TRIAL_STATE: TrialState.FAIL.name}, run_id=run_id)
     pending = [run_id]
     while pending:  # the trial run, its method run and the stage runs under that
         current = pending.pop()
-        if client.get_run(current).info.status == "RUNNING":
-            client.set_terminated(current, "FAILED")
+        if tracking.get_run(current).info.status == "RUNNING":
+            tracking.end_run_by_id(current, "FAILED")
         pending += [child.info.run_id for child in tracking.child_runs(current)]
 
 
@@ -434,19 +382,9 @@ def pruning_callbacks(trial: optuna.Trial, epochs_per_run: int) -> CallbackFacto
 # --------------------------------------------------------------------------- trials
 
 
-def method_config(config: SearchConfig, values: dict[str, Any]) -> Any:
-    """The method's config: the search's fixed settings plus one trial's values."""
-    cls = pipelines.METHODS[config.method][0]
-    names = {f.name for f in dataclasses.fields(cls)}
-    fixed = {k: v for k, v in dataclasses.asdict(config).items() if k in names}
-    return cls(**{**fixed, **{k: v for k, v in values.items() if k in names}})
-
-
 def make_objective(
     config: SearchConfig, space: SearchSpace, study_name: str
 ) -> Callable[[optuna.Trial], float]:
-    run_method = pipelines.METHODS[config.method][1]
-
     def objective(trial: optuna.Trial) -> float:
         values = space.suggest(trial)
         tags = {TAG_TRIAL: str(trial.number), tracking.TAG_METHOD: config.method,
@@ -457,21 +395,22 @@ def make_objective(
             tracking.log_params({"trial_number": trial.number, **values})
             pruning = pruning_callbacks(trial, config.max_epochs)
             try:
-                headline = run_method(method_config(config, values), finetune_callbacks=pruning)
+                headline = pipelines.run_method(config.method_config(values),
+                                                finetune_callbacks=pruning)
             except optuna.TrialPruned:
-                mlflow.set_tag(TAG_TRIAL_STATE, TrialState.PRUNED.name)
+                tracking.set_tags({TAG_TRIAL_STATE: TrialState.PRUNED.name})
                 raise
             except SystemExit as err:
                 # Lightning turns Ctrl-C into SystemExit, which Optuna would let pass with the
                 # trial left RUNNING; as KeyboardInterrupt the trial is marked failed.
-                mlflow.set_tag(TAG_TRIAL_STATE, TrialState.FAIL.name)
+                tracking.set_tags({TAG_TRIAL_STATE: TrialState.FAIL.name})
                 raise KeyboardInterrupt from err
             except BaseException:
-                mlflow.set_tag(TAG_TRIAL_STATE, TrialState.FAIL.name)
+                tracking.set_tags({TAG_TRIAL_STATE: TrialState.FAIL.name})
                 raise
             value = _objective_value(headline, run.info.run_id)
-            mlflow.log_metric(MONITOR, value)
-            mlflow.set_tag(TAG_TRIAL_STATE, TrialState.COMPLETE.name)
+            tracking.log_metrics({MONITOR: value})
+            tracking.set_tags({TAG_TRIAL_STATE: TrialState.COMPLETE.name})
             trial.set_user_attr(ATTR_FINETUNE_RUN, _finetune_run(run.info.run_id, config.method))
         log.info("search: trial %d: validation UA %.2f with %s (run %s)", trial.number, value,
                  _describe(values), run.info.run_id)
@@ -492,7 +431,7 @@ def _objective_value(headline: dict[str, float], run_id: str) -> float:
 def _finetune_run(trial_run_id: str, method: str) -> str:
     for child in tracking.child_runs(trial_run_id):
         if child.data.tags.get(tracking.TAG_STAGE) == method:
-            return child.data.tags.get(pipelines.TAG_FINETUNE_RUN, "")
+            return child.data.tags.get(tracking.TAG_FINETUNE_RUN, "")
     return ""
 
 
@@ -542,21 +481,21 @@ def report(study: Study, space: SearchSpace) -> tuple[FrozenTrial | None, str]:
     (parent) run. Returns the best trial (None when no trial is complete) and its run id."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-    mlflow.log_metrics({"trials_complete": len(complete), "trials_pruned": len(pruned)})
+    tracking.log_metrics({"trials_complete": len(complete), "trials_pruned": len(pruned)})
     if not complete:
         log.warning("search: study %s has no complete trial yet; nothing to report",
                     study.study_name)
         return None, ""
     best = study.best_trial
     run_id = best.user_attrs.get(ATTR_RUN, "")
-    mlflow.log_metric("best_valid_UA", float(best.value))
+    tracking.log_metrics({"best_valid_UA": float(best.value)})
     tracking.log_params({**{f"best_{k}": v for k, v in best.params.items()},
                          "best_trial": best.number, "best_run_id": run_id})  # fmt: skip
-    mlflow.set_tag(TAG_BEST_RUN, run_id)
+    tracking.set_tags({TAG_BEST_RUN: run_id})
     finetune_id = best.user_attrs.get(ATTR_FINETUNE_RUN, "")
     if finetune_id:  # the one place the search reads test scores: reported, never selected on
-        test = mlflow.get_run(finetune_id).data.metrics
-        mlflow.log_metrics({f"best_{k}": v for k, v in test.items() if k.startswith("test_")})
+        test = tracking.get_run(finetune_id).data.metrics
+        tracking.log_metrics({f"best_{k}": v for k, v in test.items() if k.startswith("test_")})
     else:
         log.warning("search: best trial %d has no fine-tuning run recorded (added to the study "
                     "by hand?); no test scores to report", best.number)
@@ -581,8 +520,7 @@ def _log_plots(study: Study, space: SearchSpace) -> None:
     for warning in caught:  # e.g. too few trials for importances to differ: worth a line
         log.info("search: plots: %s", warning.message)
     for name, figure in figures.items():
-        # bbox "tight": the history's legend sits outside its axes
-        mlflow.log_figure(figure, f"{STAGE}/{name}", save_kwargs={"bbox_inches": "tight"})
+        tracking.log_figure(figure, f"{STAGE}/{name}")  # bbox "tight": the legend is outside
         plt.close(figure)
 
 
@@ -604,8 +542,8 @@ def search(config: SearchConfig) -> SearchResult:
     url = config.storage or default_storage()
     with one_process_at_a_time(url):
         study = load_study(config, name, open_storage(url), settings)
-    with one_process_at_a_time(mlflow.get_tracking_uri()):
-        mlflow.MlflowClient()  # opening the tracking store creates its tables when new
+    with one_process_at_a_time(tracking.tracking_uri()):
+        tracking.open_store()
     before = len(study.trials)
     shown = hidden_password(url)
     tags = {tracking.TAG_METHOD: config.method, TAG_STUDY: name, "ser.storage": shown}

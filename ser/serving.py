@@ -29,17 +29,17 @@ EXAMPLE_SECONDS = 0.1
 
 
 class EmotionModel(mlflow.pyfunc.PythonModel):
-    """Loads ``ser.stages.finetune``'s exported model directory and predicts emotions."""
+    """Loads an exported model directory (``ser.models.finetuned``) and predicts emotions."""
 
     def load_context(self, context: Any) -> None:
-        from ser.stages.finetune import load_finetuned
+        from ser.models.finetuned import load_finetuned
 
         self.model, self.classes = load_finetuned(context.artifacts[MODEL_ARTIFACT])
 
     # model_input is left unannotated: MLflow would read a hint as the input schema, and the
     # signature logged with the model already says what goes in.
     def predict(self, context, model_input, params=None) -> pd.DataFrame:  # noqa: ANN001
-        from ser.stages.finetune import predict
+        from ser.models.finetuned import predict
 
         waves = waveforms(_as_frame(model_input))
         indices, probs = predict(self.model, waves)
@@ -107,16 +107,16 @@ def requirements() -> list[str]:
 def log_model(model_dir: Path, classes: list[str], register_as: str = "") -> str:
     """Log the exported model under the active run as ``model``; return its model URI."""
     import ser
+    from ser import tracking
 
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        artifacts={MODEL_ARTIFACT: str(model_dir)},
-        code_paths=[str(Path(ser.__file__).parent)],
-        pip_requirements=requirements(),
+    uri = tracking.log_pyfunc_model(
+        python_model=Path(__file__).with_name("pyfunc_model.py"),
+        artifacts={MODEL_ARTIFACT: model_dir},
+        code_paths=[Path(ser.__file__).parent],
+        requirements=requirements(),
         signature=signature(classes),
         input_example=input_example(),
-        registered_model_name=register_as or None,
+        register_as=register_as,
     )
-    log.info("logged the fine-tuned model as %s", info.model_uri)
-    return info.model_uri
+    log.info("logged the fine-tuned model as %s", uri)
+    return uri

@@ -33,8 +33,12 @@ TAG_KEY = "ser.reuse_key"
 TAG_COMPLETE = "ser.complete"
 TAG_FINGERPRINT = "ser.data_fingerprint"
 TAG_COMMIT = "ser.git_commit"
-TAG_REUSED = "ser.reused_run"
 TAG_OUTPUT = "ser.output_uri"
+TAG_OUTPUT_DIR = "ser.output_dir"  # where the stage wrote on disk (resume, reuse)
+TAG_MODEL = "ser.model_uri"  # on fine-tuning and method runs: the logged pyfunc model
+TAG_FINETUNE_RUN = "ser.finetune_run"  # on a method run: its (possibly reused) fine-tuning run
+TAG_PARENT = "mlflow.parentRunId"
+TRIAL_STAGE = "trial"  # ser.stage of a search trial run
 
 # Parameters that change where or how fast a stage runs, not what it computes.
 NOT_IN_KEY = frozenset({"output_dir", "num_workers", "accelerator", "devices", "force"})
@@ -113,6 +117,11 @@ def find_reusable(stage: str, key: str) -> Run | None:
         output_format="list",
     )
     return runs[0] if runs else None
+
+
+def reused_tag(stage: str) -> str:
+    """Tag on the active (method) run naming the finished ``stage`` run it reused."""
+    return f"ser.reused.{stage}"
 
 
 def git_commit() -> str:
@@ -211,3 +220,91 @@ def _param_text(value: Any) -> str:
     if isinstance(value, tuple | list):
         return ",".join(str(v) for v in value)
     return str(value)
+
+
+# --- the active run and plain look-ups: the rest of ser calls these, never mlflow itself --------
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def get_run(run_id: str) -> Run:
+    return mlflow.get_run(run_id)
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def set_tags(tags: Mapping[str, str], run_id: str | None = None) -> None:
+    """Tags on ``run_id``, or on the active run (nothing when there is none)."""
+    if run_id is not None:
+        client = mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    elif mlflow.active_run() is not None:
+        mlflow.set_tags(dict(tags))
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics(dict(metrics), step=step)
+
+
+def log_file(path: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_folder(path: Path, artifact_path: str) -> None:
+    mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+
+
+def log_figure(figure: Any, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file, save_kwargs={"bbox_inches": "tight"})
+
+
+def register_model(model_uri: str, name: str) -> None:
+    mlflow.register_model(model_uri, name)
+
+
+def search_runs(filter_string: str, experiment_ids: list[str] | None = None,
+                order_by: list[str] | None = None) -> list[Run]:
+    """Runs matching ``filter_string`` in ``experiment_ids`` (default: every experiment)."""
+    return mlflow.search_runs(
+        experiment_ids=experiment_ids, search_all_experiments=experiment_ids is None,
+        filter_string=filter_string, order_by=order_by, output_format="list",
+    )  # fmt: skip
+
+
+def experiment_id(name: str) -> str | None:
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None
+
+
+def end_run_by_id(run_id: str, status: str) -> None:
+    """End a run that is not the active one (a dead search worker's)."""
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def open_store() -> None:
+    """Open the tracking store once, which creates its tables when it is new."""
+    mlflow.MlflowClient()
+
+
+def log_pyfunc_model(
+    *, python_model: Path, artifacts: Mapping[str, Path], code_paths: list[Path],
+    requirements: list[str], signature: Any, input_example: Any, register_as: str = "",
+) -> str:
+    """Log a models-from-code pyfunc model as ``model`` of the active run; its model URI."""
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(python_model),
+        artifacts={k: str(v) for k, v in artifacts.items()},
+        code_paths=[str(p) for p in code_paths],
+        pip_requirements=requirements,
+        signature=signature,
+        input_example=input_example,
+        registered_model_name=register_as or None,
+    )
+    return info.model_uri

@@ -1,29 +1,135 @@
-"""What every training stage shares: precision, seeds, checkpoints, resuming, the Trainer itself.
+"""What every stage shares: folds, seeds, the Trainer, checkpoints, loaders and callbacks.
 
-Lightning does the work (loops, mixed precision, accumulation, clipping, checkpointing); this module
-only turns a :class:`~ser.config.TrainingConfig` into a Trainer the same way for every stage.
+Lightning does the work (loops, mixed precision, accumulation, clipping, checkpointing,
+resuming); this module turns a :class:`~ser.config.TrainingConfig` into a Trainer the same way
+for every stage, and holds the few pieces of data plumbing that Lightning leaves to us.
+
+Output layout of a stage run (``output_dir`` defaults to ``outputs/<stage>``)::
+
+    output_dir/
+      config.json              the resolved config of the run
+      <fold>/                  one folder per fold file (its name without .json)
+        checkpoints/           Lightning checkpoints: best save_top_k and last.ckpt
+        ...                    the stage's outputs for that fold (ser.artifacts)
+
+An input that an earlier stage produced per fold (``pretrained_path``, ``clusterpath``) may be
+given as that stage's ``output_dir``-like folder: :func:`fold_input` then picks the fold's own
+subfolder, so fold *i* of fine-tuning uses the backbone pretrained on fold *i*'s Train split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+from transformers import PretrainedConfig
 
-from ser.config import TrainingConfig
+from ser import artifacts
+from ser.atomic import atomic_write_json
+from ser.audio import check_audio_files
+from ser.config import PRECISIONS, SAMPLE_RATE, TrainingConfig
+from ser.data.labels import LabelFile, read_label_dir, read_label_file
+from ser.data.sampling import BucketBatchSampler
 from ser.errors import SerInputError
+from ser.models.backbones import write_model_json
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.ckpt"
+NUM_BUCKETS = 50
+# Dynamic batches hold this many seconds of (padded) audio per 64 utterances of batch_size.
+SECONDS_PER_64 = 250
+
+
+# --------------------------------------------------------------------------- folds and seeds
+
+def load_folds(config: Any, classes: Iterable[str] | None = None) -> list[LabelFile]:
+    """The fold files of ``config.labelpath`` (one) or ``config.labeldir`` (all), validated.
+
+    Every audio file that any fold names is checked here (header only), so a bad file stops the
+    run before any training starts.
+    """
+    audio_dir = Path(config.datadir)
+    if not audio_dir.is_dir():
+        raise SerInputError(
+            f"datadir {audio_dir} is not a directory; pass the folder the label files' audio "
+            "paths are relative to (e.g. data/demo/Audio_16k)"
+        )
+    wanted = list(classes) if classes else None
+    if config.labelpath:
+        folds = [read_label_file(config.labelpath, audio_dir, wanted)]
+    else:
+        folds = read_label_dir(config.labeldir, audio_dir, wanted)
+    names = sorted({name for fold in folds for name in fold.files()})
+    check_audio_files([audio_dir / name for name in names], downmix=config.downmix)
+    return folds
+
+
+def resolve_classes(config: Any, folds: list[LabelFile]) -> list[str]:
+    """``config.classes`` (comma-separated) or the sorted labels of every fold."""
+    if getattr(config, "classes", ""):
+        classes = [c.strip() for c in config.classes.split(",") if c.strip()]
+        if len(set(classes)) < 2:
+            raise SerInputError(f"classes={config.classes!r}: give at least two distinct classes")
+        for fold in folds:  # validates labels against the declared set
+            read_label_file(fold.path, classes=classes)
+        return classes
+    classes = sorted({label for fold in folds for label in fold.classes()})
+    if len(classes) < 2:
+        raise SerInputError(f"the label files hold only the class(es) {classes}; need two or more")
+    return classes
+
+
+def fold_input(path: str, fold: LabelFile) -> str:
+    """``path/<fold>`` when an earlier stage wrote one folder per fold there, else ``path``."""
+    candidate = Path(path) / fold.name
+    return str(candidate) if path and candidate.is_dir() else path
+
+
+def save_config(config: Any, output_dir: Path, **extra: Any) -> Path:
+    """Write the resolved config beside the outputs, so a run explains itself."""
+    target = output_dir / "config.json"
+    atomic_write_json(target, {**dataclasses.asdict(config), **extra})
+    return target
+
+
+def class_weights(labels: Sequence[str], classes: Sequence[str], where: str) -> list[float]:
+    """Inverse class frequency ``N / n_c``, normalised to sum to 1 (RECIPE "Fine-tuning").
+
+    A class without an utterance in ``labels`` is refused: its weight would be infinite.
+    """
+    counts = np.array([sum(1 for label in labels if label == c) for c in classes], dtype=float)
+    missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if missing:
+        raise SerInputError(
+            f"{where} has no utterance of class(es) {missing}, so its class weights (inverse "
+            "frequency) are undefined; add some, or pass --classes without them"
+        )
+    weights = len(labels) / counts
+    return (weights / weights.sum()).tolist()
+
+
+def require_train_audio(folds: Sequence[LabelFile]) -> None:
+    empty = [fold.path.name for fold in folds if not fold.train]
+    if empty:
+        raise SerInputError(
+            f"the fold files {empty} have an empty Train split; pretraining uses Train audio "
+            "only, so give every fold some Train files"
+        )
+
+
+# --------------------------------------------------------------------------- the Trainer
+
+def seed_everything(seed: int) -> None:
+    pl.seed_everything(seed, workers=True, verbose=False)
 
 
 def resolve_precision(precision: str, cuda: bool | None = None) -> str:
@@ -53,7 +159,7 @@ def stage_output_dir(config: TrainingConfig | Any, stage: str) -> Path:
 
 def last_checkpoint(output_dir: Path) -> Path | None:
     """``last.ckpt`` of an earlier, interrupted run of the same stage in ``output_dir``."""
-    path = output_dir / CHECKPOINT_DIR / LAST
+    path = output_dir / artifacts.CHECKPOINTS / artifacts.LAST_CKPT
     return path if path.is_file() else None
 
 
@@ -102,7 +208,7 @@ def build_trainer(
     ``monitor``, so checkpoints are written after each validation, with its fresh metric.
     """
     checkpoint = _Checkpoint(
-        dirpath=output_dir / CHECKPOINT_DIR,
+        dirpath=output_dir / artifacts.CHECKPOINTS,
         filename="{epoch}-{step}",
         monitor=monitor,
         mode=mode,
@@ -149,3 +255,80 @@ def best_checkpoint(trainer: pl.Trainer) -> Path | None:
 
 def _devices(devices: str) -> int | str:
     return int(devices) if devices.isdigit() else devices
+
+
+# --------------------------------------------------------------------------- data and callbacks
+
+
+def dynamic_batch_loader(
+    dataset: Dataset, lengths: Sequence[int], config: TrainingConfig | Any,
+    collate_fn: Callable[[Sequence[dict[str, Any]]], dict[str, Any]],
+) -> DataLoader:
+    """Length-bucketed dynamic batches of RECIPE's 250 s of audio per 64 utterances of
+    ``config.batch_size``, 50 buckets, lengths capped at ``maxseqlen``."""
+    sampler = BucketBatchSampler(
+        lengths,
+        max_batch_samples=int(SECONDS_PER_64 * SAMPLE_RATE * config.batch_size / 64),
+        num_buckets=NUM_BUCKETS,
+        max_len=int(config.maxseqlen * SAMPLE_RATE),
+        shuffle=True,
+        seed=config.seed,
+    )
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers
+    )
+
+
+class SetDatasetEpoch(Callback):
+    """Lightning sets the sampler's epoch but not the dataset's, whose random crops depend on it:
+    without this every epoch would repeat its crops."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(trainer.current_epoch)
+
+
+class WriteModelJson(Callback):
+    """Writes ``model.json`` beside the checkpoints, so that a ``.ckpt`` is a backbone spec.
+
+    At train start rather than before ``fit``: Lightning warns when the checkpoint directory
+    already holds files at setup, which on a fresh run would wrongly suggest a stale one.
+    """
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        self.config = config
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is not None and callback.dirpath and trainer.is_global_zero:
+            write_model_json(callback.dirpath, self.config)
+
+
+def skip_non_finite_step(
+    module: pl.LightningModule, optimizer: torch.optim.Optimizer, loss_not_finite: bool
+) -> None:
+    """Skip this optimizer step when its loss or gradients are not finite: drop the gradients,
+    so Adam leaves the weights and its moments untouched (a zero gradient would still move them).
+
+    Under ``16-mixed`` the gradient scaler already skips such steps and lowers its scale (its
+    first steps routinely overflow), so nothing is done there.
+    """
+    if getattr(module.trainer.precision_plugin, "scaler", None) is not None:
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    # One device sync for all gradients, not one per tensor.
+    grads_finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    if grads_finite and not loss_not_finite:
+        return
+    what = "loss" if loss_not_finite else "gradients"
+    log.warning(
+        "step %d: the %s are not finite; skipping this optimizer step. If this recurs, lower "
+        "lr, keep gradient_clip_val > 0, or train in 32-bit or bf16-mixed precision",
+        module.global_step, what,
+    )
+    module.skipped_steps = getattr(module, "skipped_steps", 0) + 1
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None

@@ -14,7 +14,10 @@ original's clustering did with batch size 1), so clustering features never see p
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +25,19 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ser import artifacts
+from ser.atomic import atomic_write_json
+from ser.checkpoints import safe_torch_load, save_state_dict
 from ser.errors import SerInputError
 from ser.models.heads import LinearHead, masked_mean
 from ser.models.masking import feature_mask, time_mask
-from ser.models.wav2vec1 import Wav2Vec1Config, Wav2Vec1Model, conv_output_length, load_wav2vec1
+from ser.models.wav2vec1 import (
+    Wav2Vec1Config,
+    Wav2Vec1Model,
+    conv_output_length,
+    load_state_dict_strict,
+    load_wav2vec1,
+)
 
 # The new convolution that halves wav2vec 1.0's frame rate (10 ms -> 20 ms).
 DOWNSAMPLE_KERNEL = 4
@@ -250,3 +262,93 @@ def _min_samples(config: Wav2Vec1Config) -> int:
     while w2v1_frames_20ms(samples, config) < 1:
         samples += 1
     return samples
+
+
+# --- saving and loading (the phase-1 stage's output, the clustering stage's input) -----------
+
+CONFIG_FILE = artifacts.CONFIG_JSON
+WEIGHTS_FILE = "model.pt"
+_SAVE_FORMAT = "ser-emotion-wav2vec1"
+
+
+def save_emotion_w2v1(
+    model: EmotionWav2Vec1,
+    directory: str | os.PathLike[str],
+    classes: Sequence[str],
+    training: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model.pt`` then ``config.json`` (each atomically) for :func:`load_emotion_w2v1`.
+
+    ``config.json`` is written last: its presence means the directory is complete.
+    ``training`` (optional) is a summary kept in the config for the record.
+    """
+    if len(classes) != model.num_classes:
+        raise SerInputError(
+            f"{len(classes)} class names given for a model with {model.num_classes} classes"
+        )
+    out = Path(directory)
+    save_state_dict(model, out / WEIGHTS_FILE)
+    atomic_write_json(
+        out / CONFIG_FILE,
+        {
+            "format": _SAVE_FORMAT,
+            "version": 1,
+            "wav2vec1": model.wav2vec1.config.to_json_dict(),
+            "classes": list(classes),
+            "model": _model_options(model),
+            "training": dict(training or {}),
+        },
+    )
+    return out
+
+
+def load_emotion_w2v1(directory: str | os.PathLike[str]) -> tuple[EmotionWav2Vec1, list[str]]:
+    """The model saved by :func:`save_emotion_w2v1` (in eval mode) and its class names."""
+    meta = read_emotion_w2v1_config(directory)
+    config_path = Path(directory) / CONFIG_FILE
+    config = Wav2Vec1Config.from_json_dict(meta["wav2vec1"], str(config_path))
+    options = meta["model"]
+    model = EmotionWav2Vec1(Wav2Vec1Model(config), len(meta["classes"]), **options)
+    weights = Path(directory) / WEIGHTS_FILE
+    load_state_dict_strict(model, safe_torch_load(weights), weights)
+    return model.eval(), list(meta["classes"])
+
+
+def read_emotion_w2v1_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated ``config.json`` of a saved phase-1 model directory."""
+    folder = Path(directory)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise SerInputError(
+            f"{folder} is not a saved phase-1 model: it lacks {CONFIG_FILE} or {WEIGHTS_FILE}; "
+            f"pass the {artifacts.W2V1}/ folder (or the output_dir) of a finished phase-1 run"
+        )
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SerInputError(f"{config_path} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != _SAVE_FORMAT:
+        raise SerInputError(
+            f'{config_path} is not a phase-1 model config (expected "format": "{_SAVE_FORMAT}")'
+        )
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise SerInputError(f"{config_path}: 'classes' must list at least two class names")
+    for key in ("wav2vec1", "model"):
+        if not isinstance(meta.get(key), dict):
+            raise SerInputError(f"{config_path}: field {key!r} must be an object")
+    return meta
+
+
+def _model_options(model: EmotionWav2Vec1) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model`` (besides the backbone and classes)."""
+    return {
+        "head_hidden": model.frame_head[0].out_features,
+        "lstm_hidden": model.lstm.hidden_size,
+        "time_mask_prob": model.time_mask_prob,
+        "time_mask_span": model.time_mask_span,
+        "time_min_masks": model.time_min_masks,
+        "feature_mask_prob": model.feature_mask_prob,
+        "feature_mask_span": model.feature_mask_span,
+        "feature_min_masks": model.feature_min_masks,
+    }

@@ -37,7 +37,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,36 +48,33 @@ import torch
 from pytorch_lightning.loggers import Logger
 from tqdm.auto import tqdm
 
+from ser import artifacts, training
+from ser.artifacts import CLUSTER_STATS_JSON as STATS_FILE
+from ser.artifacts import CLUSTERS as OUTPUT_DIR
+from ser.artifacts import CLUSTERS_JSON as MERGED_FILE
+from ser.artifacts import centroids_file, labels_file
 from ser.atomic import atomic_path, atomic_write_json
 from ser.audio import check_audio_files, read_audio
 from ser.config import ClusterConfig
 from ser.data.labels import LabelFile
 from ser.errors import SerInputError
-from ser.models.emotion_w2v1 import EmotionWav2Vec1, w2v1_frames_20ms
+from ser.models.emotion_w2v1 import (
+    EmotionWav2Vec1,
+    load_emotion_w2v1,
+    read_emotion_w2v1_config,
+    w2v1_frames_20ms,
+)
 from ser.models.wav2vec1 import Wav2Vec1Config
-from ser.stages import common
-from ser.stages.ptapt_phase1 import MODEL_DIR, load_emotion_w2v1, read_emotion_w2v1_config
-from ser.training import stage_output_dir
+from ser.stages.contract import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-STAGE = "cluster"
-OUTPUT_DIR = "clusters"  # per fold: output_dir/<fold>/clusters/
-MERGED_FILE = "clusters.json"
-STATS_FILE = "cluster_stats.json"
+MODEL_DIR = artifacts.W2V1
 # faiss subsamples to k * max_points_per_centroid training points; the recipe's 500,000 keeps it
 # from ever doing so (our sample is capped at sample_cap_per_centroid * max(k) first).
 MAX_POINTS_PER_CENTROID = 500_000
 FEATURES_PREFIX = ".features-"  # temporary feature folders inside the fold folder
 ASSIGN_CHUNK_BYTES = 16 << 20  # features read back and assigned at a time (x2 while copied)
-
-
-def labels_file(k: int) -> str:
-    return f"clusters_k{k}.json"
-
-
-def centroids_file(k: int) -> str:
-    return f"centroids_k{k}.npy"
 
 
 @dataclass
@@ -216,24 +213,24 @@ class _FoldPlan:
     sample_rows: np.ndarray
 
 
-def run(
-    config: ClusterConfig, *, logger_factory: Callable[[str], Logger | bool] | None = None
-) -> ClusterResult:
+def run(config: ClusterConfig, context: StageContext) -> ClusterResult:
     """Cluster the phase-1 features of every fold's Train audio; see the module docstring.
 
-    ``logger_factory(fold)`` (optional) gives a Lightning logger that receives each fold's
-    numbers (inertia, empty clusters and k-means time per k; frames sampled and total).
+    The context's logger for each fold receives that fold's numbers (inertia, empty clusters
+    and k-means time per k; frames sampled and total).
     """
-    ks = _check_parameters(config)
-    folds = common.load_folds(config)
+    config.check()
+    _check_pretrained_path(config)
+    ks = list(config.num_clusters)
+    folds = training.load_folds(config)
     plans = [_plan_fold(config, fold, ks) for fold in folds]
-    output_dir = stage_output_dir(config, STAGE)
-    common.save_config(config, output_dir)
+    output_dir = training.stage_output_dir(config, SPEC.name)
+    training.save_config(config, output_dir)
     result = ClusterResult(output_dir)
     for plan in plans:
         merged, stats = _run_fold(config, ks, plan, output_dir / plan.fold.name)
         result.cluster_files[plan.fold.name], result.stats[plan.fold.name] = merged, stats
-        logger = logger_factory(plan.fold.name) if logger_factory else None
+        logger = context.logger(plan.fold.name)
         if isinstance(logger, Logger):
             logger.log_metrics(stats_metrics(stats))
             logger.save()
@@ -248,41 +245,17 @@ def run(
     return result
 
 
-def _check_parameters(config: ClusterConfig) -> list[int]:
-    ks = list(config.num_clusters)
-    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 2]
-    if not ks or bad:
-        raise SerInputError(
-            f"num_clusters={tuple(config.num_clusters)}: give one or more cluster counts, each "
-            f"an integer >= 2 (bad: {bad or 'none given'})"
-        )
-    if len(set(ks)) != len(ks):
-        raise SerInputError(f"num_clusters={tuple(ks)} repeats a cluster count; give each once")
-    if not 0.0 < config.sample_ratio <= 1.0:
-        raise SerInputError(
-            f"sample_ratio={config.sample_ratio} must be in (0, 1]: the share of each "
-            "utterance's frames that k-means trains on"
-        )
-    common.positive("sample_cap_per_centroid", config.sample_cap_per_centroid)
-    common.positive("niter", config.niter)
-    if config.seed < 0:
-        raise SerInputError(f"seed={config.seed} must be >= 0")
-    if not config.pretrained_path:
-        raise SerInputError(
-            "pretrained_path is empty; pass the phase-1 model (its output_dir, or a fold's "
-            f"{MODEL_DIR}/ folder)"
-        )
+def _check_pretrained_path(config: ClusterConfig) -> None:
     if not Path(config.pretrained_path).exists():
         raise SerInputError(
             f"pretrained_path={config.pretrained_path}: no such file or directory; pass the "
             f"phase-1 output_dir or a fold's {MODEL_DIR}/ folder"
         )
-    return ks
 
 
 def resolve_model_dir(pretrained_path: str, fold: LabelFile) -> Path:
     """The fold's phase-1 model folder: ``<path>/<fold>/w2v1``, ``<path>/w2v1`` or ``<path>``."""
-    base = Path(common.fold_input(pretrained_path, fold))
+    base = Path(training.fold_input(pretrained_path, fold))
     for candidate in (base / MODEL_DIR, base):
         if (candidate / "config.json").is_file():
             return candidate
@@ -435,3 +408,9 @@ def stats_metrics(stats: dict[str, Any]) -> dict[str, float]:
 
 def _read_stats(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+SPEC = Stage(
+    name="cluster", config_cls=ClusterConfig, run=run, inputs=("pretrained_path",),
+    outputs=(artifacts.CLUSTERS,),
+)

@@ -61,7 +61,7 @@ import dataclasses
 import json
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,44 +71,23 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader
-from transformers import Wav2Vec2Config
 
-from ser import training
-from ser.atomic import atomic_path, atomic_write_json, atomic_write_text
-from ser.audio import MIN_SAMPLES
-from ser.checkpoints import safe_torch_load
+from ser import artifacts, report, training
+from ser.atomic import atomic_write_json, atomic_write_text
 from ser.config import SAMPLE_RATE, FinetuneConfig
-from ser.data.datasets import UtteranceDataset, collate_audio, collate_utterances
+from ser.data.datasets import UtteranceDataset, collate_utterances
 from ser.data.labels import LabelFile
 from ser.data.sampling import BucketBatchSampler
 from ser.errors import SerInputError
-from ser.metrics import Scores, score, summarise
-from ser.models.backbones import load_backbone, save_backbone, write_model_json
+from ser.metrics import Scores, score
+from ser.models.backbones import load_backbone, write_model_json
+from ser.models.finetuned import eval_batch_size, export_model
 from ser.models.heads import UtteranceClassifier
 from ser.plots import plot_confusion
-from ser.stages import common
+from ser.stages.contract import LoggerFactory, Stage, StageContext
 
 log = logging.getLogger(__name__)
-
-STAGE = "finetune"
-RESULTS = "results.json"
-SUMMARY_JSON = "summary.json"
-SUMMARY_TXT = "summary.txt"
-CONFUSION_PNG = "confusion_matrix.png"
-MODEL_DIR = "model"
-MODEL_JSON = "model.json"
-MODEL_FORMAT = "ser-finetuned-classifier/1"
-BACKBONE_SUBDIR = "backbone"  # where an earlier stage puts a fold's backbone, and our export
-HEAD_FILE = "head.pt"
-EVAL_BATCH_SIZE = 8  # utterances per evaluation batch when padding cannot change the logits
-METRICS = ("WA", "UA", "F1")
-
-LoggerFactory = Callable[[str], Logger | bool]
-# Extra callbacks for one run's Trainer, given the run's index (folds x repeats, in order) and
-# name; e.g. a search's pruning callback, which counts its steps across runs.
-CallbackFactory = Callable[[int, str], Sequence[Callback]]
 
 
 @dataclass(frozen=True)
@@ -121,27 +100,13 @@ class FinetuneResult:
     confusion_path: Path
     model_dir: Path
     runs: list[dict[str, Any]]
+    summary: dict[str, Any]  # as summary.json
     ua: float  # mean over every run of every fold
     wa: float
     f1: float
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def class_weights(labels: Sequence[int], num_classes: int) -> list[float]:
-    """Inverse class frequency ``N / n_c``, normalised to sum to 1 (RECIPE)."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
-    if len(counts) != num_classes or (counts == 0).any():
-        raise ValueError(f"every one of {num_classes} classes needs a label; counts {counts}")
-    inverse = len(labels) / counts
-    return (inverse / inverse.sum()).tolist()
-
-
-def eval_batch_size(backbone_config: Wav2Vec2Config) -> int:
-    """Utterances per evaluation batch: 1 unless padding cannot change the logits (see the
-    module docstring)."""
-    return EVAL_BATCH_SIZE if backbone_config.feat_extract_norm == "layer" else 1
 
 
 class FinetuneModule(pl.LightningModule):
@@ -262,16 +227,6 @@ class FinetuneModule(pl.LightningModule):
         return logits, labels, names
 
 
-class _CropEpoch(Callback):
-    """Lightning sets the sampler's epoch but never the dataset's: draw this epoch's crops."""
-
-    def __init__(self, dataset: UtteranceDataset) -> None:
-        self.dataset = dataset
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.dataset.set_epoch(trainer.current_epoch)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -315,29 +270,6 @@ def eval_loader(
 # --------------------------------------------------------------------------- validation
 
 
-def _check_params(config: FinetuneConfig) -> None:
-    common.positive("lr", config.lr)
-    common.positive("maxseqlen", config.maxseqlen)
-    for name, low in (("batch_size", 1), ("max_epochs", 1), ("num_exps", 1), ("seed", 0),
-                      ("accumulate_grad_batches", 1), ("num_workers", 0)):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SerInputError(f"{name}={value!r} must be an integer >= {low}")
-    for name in ("mask_time_prob", "mask_feature_prob"):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            raise SerInputError(f"{name}={getattr(config, name)} must be in [0, 1]")
-    if config.save_top_k < 1 and config.save_top_k != -1:
-        raise SerInputError(
-            f"save_top_k={config.save_top_k}: keep at least the best checkpoint (1), or all (-1)"
-        )
-    if config.gradient_clip_val < 0:
-        raise SerInputError(f"gradient_clip_val={config.gradient_clip_val} must be >= 0")
-    if config.precision not in training.PRECISIONS:
-        raise SerInputError(
-            f"precision={config.precision!r} is not one of {', '.join(training.PRECISIONS)}"
-        )
-
-
 def _check_folds(folds: list[LabelFile], classes: list[str]) -> dict[str, list[float]]:
     """Each fold's class weights; refuses folds that cannot be trained or tested."""
     weights = {}
@@ -352,8 +284,9 @@ def _check_folds(folds: list[LabelFile], classes: list[str]) -> dict[str, list[f
                 "class weights (inverse frequency) are undefined; add Train data for them or "
                 f"leave them out of --classes"
             )
-        index = {c: i for i, c in enumerate(classes)}
-        weights[fold.name] = class_weights([index[c] for c in fold.train.values()], len(classes))
+        weights[fold.name] = training.class_weights(
+            list(fold.train.values()), classes, f"the Train split of {fold.path}"
+        )
     return weights
 
 
@@ -363,7 +296,7 @@ def backbone_source(config: FinetuneConfig, fold: LabelFile) -> str:
     else ``pretrained_path``, else ``config.backbone``."""
     if not config.pretrained_path:
         return config.backbone
-    path = Path(common.fold_input(config.pretrained_path, fold))
+    path = Path(training.fold_input(config.pretrained_path, fold))
     if not path.exists():
         raise SerInputError(
             f"pretrained_path={config.pretrained_path!r} does not exist; pass a local backbone "
@@ -371,12 +304,13 @@ def backbone_source(config: FinetuneConfig, fold: LabelFile) -> str:
             "leave it empty to start from --backbone"
         )
     if path.is_dir() and not (path / "config.json").is_file():
-        nested = path / BACKBONE_SUBDIR
+        nested = path / artifacts.BACKBONE
         if (nested / "config.json").is_file():
             return str(nested)
         raise SerInputError(
-            f"pretrained_path: {path} holds neither config.json nor {BACKBONE_SUBDIR}/config.json"
-            f" (fold {fold.name}); pass the directory an earlier stage saved its backbone in"
+            f"pretrained_path: {path} holds neither config.json nor {artifacts.BACKBONE}/"
+            f"config.json (fold {fold.name}); pass the directory an earlier stage saved its "
+            "backbone in"
         )
     return str(path)
 
@@ -406,11 +340,11 @@ def _train_and_test(
     logger_factory: LoggerFactory | None,
     callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
-    results_path = job.directory / RESULTS
+    results_path = job.directory / artifacts.RESULTS_JSON
     if results_path.is_file():
         log.info("finetune %s: already finished (%s), skipping", job.name, results_path)
         return json.loads(results_path.read_text())
-    common.seed_everything(job.seed)
+    training.seed_everything(job.seed)
     module = FinetuneModule(job.backbone, classes, job.weights, lr=config.lr,
                             mask_time_prob=config.mask_time_prob,
                             mask_feature_prob=config.mask_feature_prob)
@@ -445,7 +379,7 @@ def _fit(
         config, job.directory, max_epochs=config.max_epochs,
         monitor="valid_UA" if has_val else None, mode="max",
         logger=logger_factory(job.name) if logger_factory else False,
-        callbacks=[_CropEpoch(loaders.train_dataset), *callbacks], enable_validation=has_val,
+        callbacks=[training.SetDatasetEpoch(), *callbacks], enable_validation=has_val,
     )
     with warnings.catch_warnings():
         # Folds without Val (IEMOCAP's) are expected: no warning per run about it.
@@ -453,7 +387,7 @@ def _fit(
         training.fit(trainer, module, job.directory, train_dataloaders=loaders.train,
                      val_dataloaders=loaders.val)
     # Written after fit: ModelCheckpoint warns about a non-empty directory at the start.
-    write_model_json(job.directory / training.CHECKPOINT_DIR, module.model.backbone.config)
+    write_model_json(job.directory / artifacts.CHECKPOINTS, module.model.backbone.config)
     return trainer
 
 
@@ -490,21 +424,17 @@ def _run_record(
 # --------------------------------------------------------------------------- the stage
 
 
-def run(
-    config: FinetuneConfig,
-    *,
-    logger_factory: LoggerFactory | None = None,
-    callback_factory: CallbackFactory | None = None,
-) -> FinetuneResult:
+def run(config: FinetuneConfig, context: StageContext) -> FinetuneResult:
     """Fine-tune every fold ``num_exps`` times, test, summarise, and export one model."""
-    _check_params(config)
-    folds = common.load_folds(config)
-    classes = common.resolve_classes(config, folds)
+    config.check()
+    logger_factory, callback_factory = context.logger_factory, context.callback_factory
+    folds = training.load_folds(config)
+    classes = training.resolve_classes(config, folds)
     weights = _check_folds(folds, classes)
     sources = {fold.name: backbone_source(config, fold) for fold in folds}
-    output_dir = training.stage_output_dir(config, STAGE)
+    output_dir = training.stage_output_dir(config, SPEC.name)
     _warn_on_changed_config(config, output_dir)
-    common.save_config(config, output_dir, resolved_classes=classes)
+    training.save_config(config, output_dir, resolved_classes=classes)
     jobs = [
         _Run(fold, repeat, config.seed + repeat, sources[fold.name], weights[fold.name],
              output_dir / fold.name / f"run_{repeat}")
@@ -532,17 +462,19 @@ def _warn_on_changed_config(config: FinetuneConfig, output_dir: Path) -> None:
 
 
 def _finish(runs: list[dict[str, Any]], classes: list[str], output_dir: Path) -> FinetuneResult:
-    summary = summarise_runs(runs, classes)
+    summary = report.summarise_runs(runs, classes)
     chosen, reason = select_export_run(runs)
-    model_dir = export_model(output_dir / chosen["checkpoint"], classes, output_dir / MODEL_DIR,
-                             source={**_run_row(chosen), "selected_by": reason})
-    summary["exported_model"] = {"path": MODEL_DIR, "fold": chosen["fold"],
+    model_dir = export_model(output_dir / chosen["checkpoint"], classes,
+                             output_dir / artifacts.MODEL,
+                             source={**report.run_row(chosen), "selected_by": reason})
+    summary["exported_model"] = {"path": artifacts.MODEL, "fold": chosen["fold"],
                                  "repeat": chosen["repeat"], "selected_by": reason}
-    summary_path, text_path = output_dir / SUMMARY_JSON, output_dir / SUMMARY_TXT
+    summary_path = output_dir / artifacts.SUMMARY_JSON
+    text_path = output_dir / artifacts.SUMMARY_TXT
     atomic_write_json(summary_path, summary)
-    atomic_write_text(text_path, format_summary(summary))
+    atomic_write_text(text_path, report.format_summary(summary))
     confusion_path = plot_confusion(
-        summary["confusion"], classes, output_dir / CONFUSION_PNG,
+        summary["confusion"], classes, output_dir / artifacts.CONFUSION_PNG,
         title=f"Confusion matrix, {len(runs)} run(s) summed",
     )
     metrics = summary["metrics"]
@@ -552,104 +484,12 @@ def _finish(runs: list[dict[str, Any]], classes: list[str], output_dir: Path) ->
              text_path, confusion_path, model_dir)
     return FinetuneResult(
         output_dir=output_dir, summary_path=summary_path, summary_text_path=text_path,
-        confusion_path=confusion_path, model_dir=model_dir, runs=runs,
+        confusion_path=confusion_path, model_dir=model_dir, runs=runs, summary=summary,
         ua=metrics["UA"]["mean"], wa=metrics["WA"]["mean"], f1=metrics["F1"]["mean"],
     )
 
 
-# --------------------------------------------------------------------------- summary
 
-
-def summarise_runs(runs: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> dict[str, Any]:
-    """Scores over folds and repeats (``ser.metrics.summarise``), per fold (mean and std over
-    repeats), per class (recall averaged over the runs whose test split has the class), the
-    confusion matrix summed over runs, and one row per run."""
-    folds = list(dict.fromkeys(run["fold"] for run in runs))
-    by_fold = {f: sorted((r for r in runs if r["fold"] == f), key=lambda r: r["repeat"])
-               for f in folds}
-    metrics: dict[str, Any] = {}
-    for key in METRICS:
-        grid = {f: [r["scores"][key] for r in fold_runs] for f, fold_runs in by_fold.items()}
-        metrics[key] = {
-            **summarise(grid).as_dict(),
-            "per_fold": {f: {"mean": float(np.mean(v)), "std": float(np.std(v))}
-                         for f, v in grid.items()},
-        }
-    recall = {}
-    for name in classes:
-        values = [r["scores"]["recall"][name] for r in runs if name in r["scores"]["recall"]]
-        if values:
-            recall[name] = float(np.mean(values))
-    confusion = np.sum([np.asarray(r["scores"]["confusion"]) for r in runs], axis=0)
-    return {
-        "classes": list(classes),
-        "folds": folds,
-        "num_exps": max(len(v) for v in by_fold.values()),
-        "num_runs": len(runs),
-        "metrics": metrics,
-        "recall": recall,
-        "confusion": confusion.tolist(),
-        "runs": [_run_row(r) for r in runs],
-    }
-
-
-def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "fold": run["fold"],
-        "repeat": run["repeat"],
-        "seed": run["seed"],
-        **{key: run["scores"][key] for key in METRICS},
-        "valid_UA": run["valid_UA"],
-        "tested": run["tested"],
-        "checkpoint": run["checkpoint"],
-    }
-
-
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """The summary as a plain-text report (what the original wrote to its OUTPUT_FILE, and more)."""
-    classes, metrics = summary["classes"], summary["metrics"]
-    lines = [
-        f"Fine-tuning: {len(summary['folds'])} fold(s) x {summary['num_exps']} run(s) = "
-        f"{summary['num_runs']} runs; classes: {', '.join(classes)}",
-        "Test scores in percent. 'folds': std / median across folds within a run index, averaged"
-        " over run indices;",
-        "'repeats': std / median across run indices of the mean over folds (population std).",
-        "",
-        f"{'metric':<8}{'mean':>9}{'std(folds)':>12}{'median(folds)':>15}{'std(repeats)':>14}"
-        f"{'median(repeats)':>17}",
-    ]
-    for key in METRICS:
-        m = metrics[key]
-        lines.append(f"{key:<8}{m['mean']:>9.2f}{m['std_over_folds']:>12.2f}"
-                     f"{m['median_over_folds']:>15.2f}{m['std_over_repeats']:>14.2f}"
-                     f"{m['median_over_repeats']:>17.2f}")
-    lines += ["", "Per fold (mean +- std over runs):",
-              f"{'fold':<16}" + "".join(f"{key:>18}" for key in METRICS)]
-    for fold in summary["folds"]:
-        cells = [metrics[key]["per_fold"][fold] for key in METRICS]
-        lines.append(f"{fold:<16}" + "".join(f"{c['mean']:>11.2f} +- {c['std']:<4.2f}"
-                                             for c in cells))
-    lines += ["", "Per-class recall (mean over runs whose test split has the class):"]
-    lines += [f"  {name:<14}{value:>7.2f}" for name, value in summary["recall"].items()]
-    lines += ["", "Confusion matrix summed over runs (rows: reference, columns: predicted):",
-              " " * 14 + "".join(f"{name[:10]:>11}" for name in classes)]
-    for name, row in zip(classes, summary["confusion"], strict=True):
-        lines.append(f"  {name[:12]:<12}" + "".join(f"{count:>11d}" for count in row))
-    lines += ["", "Runs:", f"{'fold':<16}{'run':>4}{'seed':>6}{'WA':>8}{'UA':>8}{'F1':>8}"
-              f"{'valid_UA':>10}  {'tested':<7}checkpoint"]
-    for row in summary["runs"]:
-        valid = "-" if row["valid_UA"] is None else f"{row['valid_UA']:.2f}"
-        lines.append(f"{row['fold']:<16}{row['repeat']:>4}{row['seed']:>6}{row['WA']:>8.2f}"
-                     f"{row['UA']:>8.2f}{row['F1']:>8.2f}{valid:>10}  {row['tested']:<7}"
-                     f"{row['checkpoint']}")
-    exported = summary.get("exported_model")
-    if exported:
-        lines += ["", f"Exported model: {exported['path']}/ (fold {exported['fold']}, run "
-                      f"{exported['repeat']}; {exported['selected_by']})"]
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- the exported model
 
 
 def select_export_run(runs: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], str]:
@@ -661,93 +501,7 @@ def select_export_run(runs: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, A
         return best, f"best validation UA ({best['valid_UA']:.2f}) over {len(validated)} run(s)"
     return runs[0], "no Val split to select on: the first fold's first run"
 
-
-def export_model(
-    checkpoint: Path, classes: Sequence[str], directory: Path, source: Mapping[str, Any]
-) -> Path:
-    """Write a fine-tuning checkpoint as a self-contained model directory: ``backbone/``
-    (``save_pretrained``), ``head.pt`` (the output layer) and ``model.json``. ``model.json`` is
-    removed first and written last, so a directory with one is complete."""
-    classifier = _classifier_from_checkpoint(checkpoint, len(classes))
-    manifest = directory / MODEL_JSON
-    manifest.unlink(missing_ok=True)
-    save_backbone(classifier.backbone, directory / BACKBONE_SUBDIR)
-    with atomic_path(directory / HEAD_FILE) as tmp:
-        torch.save(classifier.output.state_dict(), tmp)
-    atomic_write_json(manifest, {
-        "format": MODEL_FORMAT,
-        "classes": list(classes),
-        "backbone": BACKBONE_SUBDIR,
-        "head": HEAD_FILE,
-        "sample_rate": SAMPLE_RATE,
-        "eval_batch_size": eval_batch_size(classifier.backbone.config),
-        "source": dict(source),
-        "rebuild": "ser.stages.finetune.load_finetuned('<this directory>') -> (model, classes);"
-                   " ser.stages.finetune.predict(model, wavs) -> (class indices, probabilities)",
-    })
-    return directory
-
-
-def _classifier_from_checkpoint(checkpoint: Path, num_classes: int) -> UtteranceClassifier:
-    # The backbone loads through the checkpoint convention (model.json beside it); the head is
-    # the state dict's model.output.* entries.
-    classifier = UtteranceClassifier(load_backbone(str(checkpoint)), num_classes,
-                                     time_mask_prob=0.0, feature_mask_prob=0.0)
-    state = safe_torch_load(checkpoint)["state_dict"]
-    prefix = "model.output."
-    head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    classifier.output.load_state_dict(head)
-    return classifier.eval()
-
-
-def load_finetuned(directory: str | Path) -> tuple[UtteranceClassifier, list[str]]:
-    """The exported classifier (eval mode) and its classes, from ``output_dir/model``."""
-    root = Path(directory)
-    manifest = root / MODEL_JSON
-    if not manifest.is_file():
-        raise SerInputError(
-            f"{root} has no {MODEL_JSON}; pass the model directory fine-tuning exported "
-            f"(<output_dir>/{MODEL_DIR})"
-        )
-    try:
-        data = json.loads(manifest.read_text())
-        classes = [str(c) for c in data["classes"]]
-        backbone_dir, head_file = root / data["backbone"], root / data["head"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise SerInputError(f"{manifest} is not a fine-tuned model description: {err}") from err
-    classifier = UtteranceClassifier(load_backbone(str(backbone_dir)), len(classes),
-                                     time_mask_prob=0.0, feature_mask_prob=0.0)
-    try:
-        classifier.output.load_state_dict(safe_torch_load(head_file))
-    except RuntimeError as err:
-        raise SerInputError(f"{head_file} does not fit {len(classes)} classes: {err}") from err
-    return classifier.eval(), classes
-
-
-def predict(
-    model: UtteranceClassifier, wavs: Sequence[np.ndarray | torch.Tensor]
-) -> tuple[list[int], np.ndarray]:
-    """Class indices (``classes[i]`` names them) and probabilities ``[N, classes]`` of 16 kHz
-    mono waveforms, each evaluated whole, batched only where padding cannot change the result."""
-    tensors = [torch.as_tensor(np.asarray(w), dtype=torch.float32) for w in wavs]
-    bad = [i for i, t in enumerate(tensors) if t.dim() != 1 or len(t) < MIN_SAMPLES]
-    if bad:
-        raise SerInputError(
-            f"predict: waveforms {bad[:5]} are not 1-D or shorter than {MIN_SAMPLES} samples; "
-            f"pass mono {SAMPLE_RATE} Hz audio of at least {1000 * MIN_SAMPLES // SAMPLE_RATE} ms"
-        )
-    num_classes = model.output.out_features
-    probs = np.zeros((len(tensors), num_classes), dtype=np.float32)
-    order = sorted(range(len(tensors)), key=lambda i: len(tensors[i]))  # little padding
-    batch = eval_batch_size(model.backbone.config)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch):
-            chunk = order[start : start + batch]
-            padded = collate_audio([{"input_values": tensors[i], "name": str(i)} for i in chunk])
-            logits = model(padded["input_values"].to(device), padded["attention_mask"].to(device))
-            probs[chunk] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    model.train(was_training)
-    return probs.argmax(axis=1).tolist(), probs
+SPEC = Stage(
+    name="finetune", config_cls=FinetuneConfig, run=run, inputs=("backbone", "pretrained_path"),
+    top_level=(artifacts.MODEL,),
+)

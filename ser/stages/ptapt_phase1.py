@@ -6,8 +6,8 @@ Test splits are never read. The model (:class:`~ser.models.emotion_w2v1.EmotionW
 each utterance's emotion from the utterance and from every frame, with cross-entropy weighted by
 the inverse class frequency of the training part. Validation runs every ``checkpoint_every``
 optimizer steps and once more at the last step; the checkpoint with the lowest ``valid_loss`` is
-the output, written to ``output_dir/<fold>/w2v1/`` by :func:`save_emotion_w2v1` so that the
-clustering stage rebuilds it with one call to :func:`load_emotion_w2v1`.
+the output, written to ``output_dir/<fold>/w2v1/`` by ``ser.models.emotion_w2v1``'s
+``save_emotion_w2v1``, so that the clustering stage rebuilds it with its ``load_emotion_w2v1``.
 
 Outputs per fold (besides ``checkpoints/``): ``split.json`` (the two parts, for the record) and
 ``w2v1/`` (``config.json``: model structure, classes and training summary; ``model.pt``).
@@ -32,10 +32,8 @@ Departures from the original
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,43 +41,36 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader
 
+from ser import artifacts, training
 from ser.atomic import atomic_write_json
 from ser.audio import check_audio_files
-from ser.checkpoints import safe_torch_load, save_state_dict
+from ser.checkpoints import safe_torch_load
 from ser.config import SAMPLE_RATE, Phase1Config
 from ser.data.datasets import UtteranceDataset, collate_utterances
 from ser.data.labels import LabelFile
 from ser.data.sampling import BucketBatchSampler
 from ser.errors import SerInputError
-from ser.models.emotion_w2v1 import EmotionWav2Vec1, w2v1_frames_20ms
+from ser.models.emotion_w2v1 import (
+    EmotionWav2Vec1,
+    read_emotion_w2v1_config,
+    save_emotion_w2v1,
+    w2v1_frames_20ms,
+)
 from ser.models.wav2vec1 import (
     PRESETS,
     Wav2Vec1Config,
     Wav2Vec1Model,
-    load_state_dict_strict,
     load_wav2vec1,
     receptive_field,
 )
 from ser.schedule import warmup_flat_decay
-from ser.stages import common
-from ser.training import best_checkpoint, build_trainer, fit, stage_output_dir
+from ser.stages.contract import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-STAGE = "ptapt_phase1"
-MODEL_DIR = "w2v1"
 SPLIT_FILE = "split.json"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.pt"
-_SAVE_FORMAT = "ser-emotion-wav2vec1"
-_NUM_BUCKETS = 50
-
-LoggerFactory = Callable[[str], "Logger | bool"]
-
 
 @dataclass
 class Phase1Result:
@@ -89,92 +80,6 @@ class Phase1Result:
     model_dirs: dict[str, Path]  # fold -> output_dir/<fold>/w2v1
     best_valid_loss: dict[str, float]
     global_step: dict[str, int]
-
-
-# --- saving and loading the trained model ----------------------------------------------------
-
-
-def save_emotion_w2v1(
-    model: EmotionWav2Vec1,
-    directory: str | os.PathLike[str],
-    classes: Sequence[str],
-    training: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``model.pt`` then ``config.json`` (each atomically) for :func:`load_emotion_w2v1`.
-
-    ``config.json`` is written last: its presence means the directory is complete.
-    ``training`` (optional) is a summary kept in the config for the record.
-    """
-    if len(classes) != model.num_classes:
-        raise SerInputError(
-            f"{len(classes)} class names given for a model with {model.num_classes} classes"
-        )
-    out = Path(directory)
-    save_state_dict(model, out / WEIGHTS_FILE)
-    atomic_write_json(
-        out / CONFIG_FILE,
-        {
-            "format": _SAVE_FORMAT,
-            "version": 1,
-            "wav2vec1": model.wav2vec1.config.to_json_dict(),
-            "classes": list(classes),
-            "model": _model_options(model),
-            "training": dict(training or {}),
-        },
-    )
-    return out
-
-
-def load_emotion_w2v1(directory: str | os.PathLike[str]) -> tuple[EmotionWav2Vec1, list[str]]:
-    """The model saved by :func:`save_emotion_w2v1` (in eval mode) and its class names."""
-    meta = read_emotion_w2v1_config(directory)
-    config_path = Path(directory) / CONFIG_FILE
-    config = Wav2Vec1Config.from_json_dict(meta["wav2vec1"], str(config_path))
-    options = meta["model"]
-    model = EmotionWav2Vec1(Wav2Vec1Model(config), len(meta["classes"]), **options)
-    weights = Path(directory) / WEIGHTS_FILE
-    load_state_dict_strict(model, safe_torch_load(weights), weights)
-    return model.eval(), list(meta["classes"])
-
-
-def read_emotion_w2v1_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated ``config.json`` of a saved phase-1 model directory."""
-    folder = Path(directory)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise SerInputError(
-            f"{folder} is not a saved phase-1 model: it lacks {CONFIG_FILE} or {WEIGHTS_FILE}; "
-            f"pass the {MODEL_DIR}/ folder (or the output_dir) of a finished phase-1 run"
-        )
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SerInputError(f"{config_path} is not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != _SAVE_FORMAT:
-        raise SerInputError(
-            f'{config_path} is not a phase-1 model config (expected "format": "{_SAVE_FORMAT}")'
-        )
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise SerInputError(f"{config_path}: 'classes' must list at least two class names")
-    for key in ("wav2vec1", "model"):
-        if not isinstance(meta.get(key), dict):
-            raise SerInputError(f"{config_path}: field {key!r} must be an object")
-    return meta
-
-
-def _model_options(model: EmotionWav2Vec1) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model`` (besides the backbone and classes)."""
-    return {
-        "head_hidden": model.frame_head[0].out_features,
-        "lstm_hidden": model.lstm.hidden_size,
-        "time_mask_prob": model.time_mask_prob,
-        "time_mask_span": model.time_mask_span,
-        "time_min_masks": model.time_min_masks,
-        "feature_mask_prob": model.feature_mask_prob,
-        "feature_mask_span": model.feature_mask_span,
-        "feature_min_masks": model.feature_min_masks,
-    }
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -200,19 +105,6 @@ def split_train(
     valid = {names[i] for i in order[:num_valid].tolist()}
     train = {name: items[name] for name in names if name not in valid}
     return train, {name: items[name] for name in names if name in valid}
-
-
-def class_weights(labels: Sequence[str], classes: Sequence[str], where: str) -> torch.Tensor:
-    """Inverse class frequency ``N / n_c``, normalised to sum to 1 (RECIPE "Fine-tuning")."""
-    counts = np.array([sum(1 for label in labels if label == c) for c in classes], dtype=float)
-    missing = [c for c, n in zip(classes, counts, strict=True) if n == 0]
-    if missing:
-        raise SerInputError(
-            f"{where} has no utterance of class(es) {missing}; add some, pass --classes without "
-            "them, or change --seed / --valid_fraction so the random split keeps each class"
-        )
-    weights = len(labels) / counts
-    return torch.tensor(weights / weights.sum(), dtype=torch.float32)
 
 
 def crop_to_shortest(
@@ -267,12 +159,6 @@ class Phase1Module(pl.LightningModule):
         self.seed = seed
         self._valid: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def on_train_epoch_start(self) -> None:
-        # Lightning never calls the dataset's set_epoch; without it every epoch repeats its crops.
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # Seeded by the step, so a resumed run crops as the uninterrupted one would.
         rng = np.random.default_rng([self.seed, self.global_step, batch_idx])
@@ -324,31 +210,27 @@ class _FoldPlan:
     weights: torch.Tensor
 
 
-def run(
-    config: Phase1Config,
-    *,
-    logger_factory: LoggerFactory | None = None,
-    callbacks: Sequence[Callback] = (),
-) -> Phase1Result:
+def run(config: Phase1Config, context: StageContext) -> Phase1Result:
     """Train one phase-1 model per fold; see the module docstring.
 
-    ``callbacks`` are added to every fold's Trainer (e.g. for monitoring).
+    The context's callbacks join each fold's Trainer (index: the fold's position).
     """
-    _check_parameters(config)
-    folds = common.load_folds(config)
-    classes = common.resolve_classes(config, folds)
-    common.seed_everything(config.seed)  # a preset's random weights too
+    config.check()
+    _check_w2v1(config)
+    folds = training.load_folds(config)
+    classes = training.resolve_classes(config, folds)
+    training.seed_everything(config.seed)  # a preset's random weights too
     base = load_wav2vec1(config.w2v1)
     samples = _samples(config, folds)
     shortest = min_samples(base.config)
     plans = [_plan_fold(config, fold, classes, samples, shortest) for fold in folds]
-    output_dir = stage_output_dir(config, STAGE)
-    common.save_config(config, output_dir, classes=classes)
+    output_dir = training.stage_output_dir(config, SPEC.name)
+    training.save_config(config, output_dir, classes=classes)
 
     result = Phase1Result(output_dir, {}, {}, {})
-    for plan in plans:
+    for index, plan in enumerate(plans):
         model_dir, summary = _run_fold(
-            config, plan, base, classes, samples, output_dir, logger_factory, callbacks
+            config, plan, base, classes, samples, output_dir, context, index
         )
         result.model_dirs[plan.fold.name] = model_dir
         result.best_valid_loss[plan.fold.name] = float(summary["best_valid_loss"])
@@ -362,21 +244,7 @@ def run(
     return result
 
 
-def _check_parameters(config: Phase1Config) -> None:
-    for name in ("training_step", "batch_size", "checkpoint_every", "lr", "maxseqlen"):
-        common.positive(name, getattr(config, name))
-    if not 0.0 < config.valid_fraction < 1.0:
-        raise SerInputError(
-            f"valid_fraction={config.valid_fraction} must be between 0 and 1 (exclusive): the "
-            "share of each fold's Train split held out for validation (the paper: 0.1)"
-        )
-    if not 0.0 <= config.warmup_fraction < 1.0:
-        raise SerInputError(
-            f"warmup_fraction={config.warmup_fraction} must be in [0, 1): the share of "
-            "training_step spent warming up the learning rate (the paper: 0.05)"
-        )
-    if config.seed < 0:
-        raise SerInputError(f"seed={config.seed} must be >= 0")
+def _check_w2v1(config: Phase1Config) -> None:
     if config.w2v1 not in PRESETS and not Path(config.w2v1).exists():
         raise SerInputError(
             f"w2v1={config.w2v1!r}: no such file or directory and not a preset "
@@ -413,8 +281,10 @@ def _plan_fold(
         train, valid = split_train(usable, config.valid_fraction, config.seed)
     except SerInputError as err:
         raise SerInputError(f"{fold.path}: {err}") from err
-    weights = class_weights(list(train.values()), classes, f"the training part of {fold.path}")
-    return _FoldPlan(fold, train, valid, weights)
+    weights = training.class_weights(
+        list(train.values()), classes, f"the training part of {fold.path}"
+    )
+    return _FoldPlan(fold, train, valid, torch.tensor(weights, dtype=torch.float32))
 
 
 def _run_fold(
@@ -424,19 +294,19 @@ def _run_fold(
     classes: list[str],
     samples: Mapping[str, int],
     output_dir: Path,
-    logger_factory: LoggerFactory | None,
-    callbacks: Sequence[Callback],
+    context: StageContext,
+    index: int,
 ) -> tuple[Path, dict[str, Any]]:
     fold_dir = output_dir / plan.fold.name
-    model_dir = fold_dir / MODEL_DIR
-    if (model_dir / CONFIG_FILE).is_file():
+    model_dir = fold_dir / artifacts.W2V1
+    if (model_dir / artifacts.CONFIG_JSON).is_file():
         summary = read_emotion_w2v1_config(model_dir)["training"]
         log.info("%s: phase-1 model already in %s; skipping the fold", plan.fold.name, model_dir)
         return model_dir, summary
     atomic_write_json(
         fold_dir / SPLIT_FILE, {"train": sorted(plan.train), "valid": sorted(plan.valid)}
     )
-    common.seed_everything(config.seed)
+    training.seed_everything(config.seed)
     model = EmotionWav2Vec1(copy.deepcopy(base), len(classes))
     module = Phase1Module(
         model,
@@ -446,7 +316,7 @@ def _run_fold(
         total_steps=config.training_step,
         seed=config.seed,
     )
-    trainer = build_trainer(
+    trainer = training.build_trainer(
         config,
         fold_dir,
         max_steps=config.training_step,
@@ -454,13 +324,15 @@ def _run_fold(
         mode="min",
         every_n_train_steps=None,  # checkpoints follow each validation, with its fresh loss
         val_check_interval=config.checkpoint_every * config.accumulate_grad_batches,
-        logger=logger_factory(plan.fold.name) if logger_factory else False,
-        callbacks=callbacks,
+        logger=context.logger(plan.fold.name),
+        callbacks=[training.SetDatasetEpoch(), *context.callbacks(index, plan.fold.name)],
     )
     train_loader, valid_loader = _loaders(config, plan, classes, samples)
-    fit(trainer, module, fold_dir, train_dataloaders=train_loader, val_dataloaders=valid_loader)
+    training.fit(
+        trainer, module, fold_dir, train_dataloaders=train_loader, val_dataloaders=valid_loader
+    )
 
-    best = best_checkpoint(trainer)
+    best = training.best_checkpoint(trainer)
     if best is None or not best.is_file():
         raise RuntimeError(f"{fold_dir}: training ended without a validated checkpoint")
     checkpoint = safe_torch_load(best)
@@ -508,7 +380,7 @@ def _loaders(
     sampler = BucketBatchSampler(
         train.lengths,
         batch_size=config.batch_size,
-        num_buckets=_NUM_BUCKETS,
+        num_buckets=training.NUM_BUCKETS,
         max_len=max_samples,
         seed=config.seed,
     )
@@ -526,3 +398,9 @@ def _loaders(
             valid, batch_size=1, collate_fn=collate_utterances, num_workers=config.num_workers
         ),
     )
+
+
+SPEC = Stage(
+    name="pretrain_w2v1", config_cls=Phase1Config, run=run, inputs=("w2v1",),
+    outputs=(artifacts.W2V1,),
+)

@@ -39,6 +39,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 
+from ser import artifacts, training
+from ser.artifacts import CLUSTER_STATS_JSON as STATS_JSON
+from ser.artifacts import CLUSTERS_JSON
 from ser.config import SAMPLE_RATE, Phase2Config
 from ser.data.datasets import FrameLabelDataset, collate_frame_labels
 from ser.data.labels import LabelFile
@@ -46,23 +49,10 @@ from ser.errors import SerInputError
 from ser.models.backbones import load_backbone, save_backbone
 from ser.models.heads import FrameClusterHeads
 from ser.schedule import warmup_flat_decay
-from ser.stages import common
-from ser.stages.tapt import (
-    BACKBONE_DIR,
-    LoggerFactory,
-    SetDatasetEpoch,
-    WriteModelJson,
-    dynamic_batch_loader,
-    require_train_audio,
-    validate_step_config,
-)
-from ser.training import build_trainer, fit, stage_output_dir
+from ser.stages.contract import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-STAGE = "ptapt_phase2"
-CLUSTERS_JSON = "clusters.json"  # merged labels, one list per cluster count
-STATS_JSON = "cluster_stats.json"  # holds "num_clusters": [k1, k2, ...] in head order
 MASK_SPAN = 15
 MIN_MASKS = 2
 _SHOW = 5  # offending entries an error message lists
@@ -94,10 +84,10 @@ def cluster_file(clusterpath: str, fold: LabelFile) -> Path:
     """The merged cluster-label file for ``fold``: ``clusterpath`` itself, or
     ``clusterpath[/<fold>][/clusters]/clusters.json`` when it is a folder (the clustering
     stage's output directory, or its ``runs:/<id>/clusters`` artifact)."""
-    path = Path(common.fold_input(clusterpath, fold))
+    path = Path(training.fold_input(clusterpath, fold))
     if not path.is_dir():
         return path
-    nested = path / "clusters" / CLUSTERS_JSON
+    nested = path / artifacts.CLUSTERS / CLUSTERS_JSON
     return nested if nested.is_file() else path / CLUSTERS_JSON
 
 
@@ -246,36 +236,22 @@ class Phase2Module(pl.LightningModule):
                                                          "interval": "step"}}
 
 
-def _validate(config: Phase2Config) -> None:
-    validate_step_config(config)
-    if not 0 < config.mask_time_prob <= 1:
-        raise SerInputError(
-            f"mask_time_prob={config.mask_time_prob} must be in (0, 1]: the loss is computed on "
-            "masked frames only"
-        )
-    if not config.clusterpath:
-        raise SerInputError(
-            "clusterpath is empty; pass the clustering stage's output directory or its merged "
-            f"{CLUSTERS_JSON}"
-        )
-
-
-def run(config: Phase2Config, *, logger_factory: LoggerFactory | None = None) -> Phase2Result:
+def run(config: Phase2Config, context: StageContext) -> Phase2Result:
     """Phase 2 on every fold (module docstring); a fold whose backbone exists is skipped."""
-    _validate(config)
-    folds = common.load_folds(config)
-    require_train_audio(folds)
+    config.check()
+    folds = training.load_folds(config)
+    training.require_train_audio(folds)
     # Every fold's labels are checked before the first fold trains; each is re-read when its
     # fold trains rather than all held in memory at once.
     files = {fold.name: cluster_file(config.clusterpath, fold) for fold in folds}
     counts = {fold.name: read_cluster_labels(files[fold.name], fold.train).num_clusters
               for fold in folds}
     load_backbone(config.backbone)  # a bad backbone spec fails here, before any output
-    output_dir = stage_output_dir(config, STAGE)
-    common.save_config(config, output_dir)
+    output_dir = training.stage_output_dir(config, SPEC.name)
+    training.save_config(config, output_dir)
     result = Phase2Result(output_dir=output_dir, num_clusters=counts)
     for fold in folds:
-        logger = logger_factory(fold.name) if logger_factory else False
+        logger = context.logger(fold.name)
         clusters = (files[fold.name], counts[fold.name])
         path, loss = _run_fold(config, fold, clusters, output_dir / fold.name, logger)
         result.backbones[fold.name] = path
@@ -283,7 +259,7 @@ def run(config: Phase2Config, *, logger_factory: LoggerFactory | None = None) ->
             result.final_loss[fold.name] = loss
     log.info(
         "P-TAPT phase 2: %d fold(s) (%d trained now), backbones in %s/<fold>/%s",
-        len(folds), len(result.final_loss), output_dir, BACKBONE_DIR,
+        len(folds), len(result.final_loss), output_dir, artifacts.BACKBONE,
     )
     return result
 
@@ -292,14 +268,14 @@ def _run_fold(
     config: Phase2Config, fold: LabelFile, cluster_input: tuple[Path, list[int]],
     fold_dir: Path, logger: Logger | bool,
 ) -> tuple[Path, float | None]:
-    target = fold_dir / BACKBONE_DIR
+    target = fold_dir / artifacts.BACKBONE
     if (target / "config.json").is_file():
         log.info("phase 2 fold %s: already done, its backbone is in %s; skipping",
                  fold.name, target)
         return target, None
     labels_path, num_clusters = cluster_input
     clusters = read_cluster_labels(labels_path, fold.train, num_clusters)
-    common.seed_everything(config.seed)
+    training.seed_everything(config.seed)
     dataset = FrameLabelDataset(
         config.datadir,
         clusters.labels,
@@ -308,7 +284,7 @@ def _run_fold(
         seed=config.seed,
         downmix=config.downmix,
     )
-    loader = dynamic_batch_loader(dataset, dataset.lengths, config, collate_frame_labels)
+    loader = training.dynamic_batch_loader(dataset, dataset.lengths, config, collate_frame_labels)
     heads = FrameClusterHeads(
         load_backbone(config.backbone),
         clusters.num_clusters,
@@ -319,16 +295,16 @@ def _run_fold(
     module = Phase2Module(
         heads, lr=config.lr, warmup_step=config.warmup_step, training_step=config.training_step
     )
-    trainer = build_trainer(
+    trainer = training.build_trainer(
         config,
         fold_dir,
         max_steps=config.training_step,
         every_n_train_steps=config.checkpoint_every,
         logger=logger,
-        callbacks=[SetDatasetEpoch(), WriteModelJson(heads.backbone.config)],
+        callbacks=[training.SetDatasetEpoch(), training.WriteModelJson(heads.backbone.config)],
         enable_validation=False,
     )
-    fit(trainer, module, fold_dir, train_dataloaders=loader)
+    training.fit(trainer, module, fold_dir, train_dataloaders=loader)
     save_backbone(heads.backbone, target)
     loss = trainer.callback_metrics.get("loss")
     final = float(loss) if loss is not None else float("nan")
@@ -338,3 +314,9 @@ def _run_fold(
         fold.name, trainer.global_step, len(dataset), clusters.num_clusters, final, target,
     )
     return target, final
+
+
+SPEC = Stage(
+    name="pretrain_w2v2", config_cls=Phase2Config, run=run, inputs=("backbone", "clusterpath"),
+    outputs=(artifacts.BACKBONE,),
+)

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,37 +48,26 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
-from torch.utils.data import DataLoader, Dataset
-from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
 
-from ser.config import SAMPLE_RATE, TaptConfig, TrainingConfig
+from ser import artifacts, training
+from ser.config import SAMPLE_RATE, TaptConfig
 from ser.data.datasets import AudioOnlyDataset, collate_audio
-from ser.data.frames import conv_output_length, receptive_field
+from ser.data.frames import conv_output_length
 from ser.data.labels import LabelFile
-from ser.data.sampling import BucketBatchSampler
-from ser.errors import SerInputError
-from ser.models.backbones import load_pretraining_model, save_backbone, write_model_json
+from ser.models.backbones import load_pretraining_model, save_backbone
 from ser.models.heads import ensure_mask_embedding
 from ser.models.masking import time_mask
 from ser.schedule import warmup_flat_decay
-from ser.stages import common
-from ser.training import build_trainer, fit, stage_output_dir
+from ser.stages.contract import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-STAGE = "tapt"
-BACKBONE_DIR = "backbone"
 MIN_MASKS = 2  # RECIPE: at least two masked spans per utterance
-NUM_BUCKETS = 50
-# Dynamic batches hold this many seconds of (padded) audio per 64 utterances of batch_size.
-SECONDS_PER_64 = 250
 # Gumbel temperature schedule of transformers' pretraining example (and fairseq's base recipe).
 GUMBEL_MAX, GUMBEL_MIN, GUMBEL_DECAY = 2.0, 0.5, 0.999995
-
-LoggerFactory = Callable[[str], Logger | bool]
 
 
 @dataclass
@@ -190,7 +177,7 @@ class TaptModule(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        skip_non_finite_step(self, optimizer, self._loss_not_finite)
+        training.skip_non_finite_step(self, optimizer, self._loss_not_finite)
         self._loss_not_finite = False
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -203,129 +190,25 @@ class TaptModule(pl.LightningModule):
                                                          "interval": "step"}}
 
 
-def skip_non_finite_step(
-    module: pl.LightningModule, optimizer: torch.optim.Optimizer, loss_not_finite: bool
-) -> None:
-    """Skip this optimizer step when its loss or gradients are not finite: drop the gradients,
-    so Adam leaves the weights and its moments untouched (a zero gradient would still move them).
-
-    Under ``16-mixed`` the gradient scaler already skips such steps and lowers its scale (its
-    first steps routinely overflow), so nothing is done there.
-    """
-    if getattr(module.trainer.precision_plugin, "scaler", None) is not None:
-        return
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-             if p.grad is not None]
-    # One device sync for all gradients, not one per tensor.
-    grads_finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-    if grads_finite and not loss_not_finite:
-        return
-    what = "loss" if loss_not_finite else "gradients"
-    log.warning(
-        "step %d: the %s are not finite; skipping this optimizer step. If this recurs, lower "
-        "lr, keep gradient_clip_val > 0, or train in 32-bit or bf16-mixed precision",
-        module.global_step, what,
-    )
-    module.skipped_steps = getattr(module, "skipped_steps", 0) + 1
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-class WriteModelJson(Callback):
-    """Writes ``model.json`` beside the checkpoints, so that ``last.ckpt`` is a backbone spec.
-
-    At train start rather than before ``fit``: Lightning warns when the checkpoint directory
-    already holds files at setup, which on a fresh run would wrongly suggest a stale one.
-    """
-
-    def __init__(self, config: Wav2Vec2Config) -> None:
-        self.config = config
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        callback = trainer.checkpoint_callback
-        if callback is not None and callback.dirpath and trainer.is_global_zero:
-            write_model_json(callback.dirpath, self.config)
-
-
-class SetDatasetEpoch(Callback):
-    """Lightning sets the sampler's epoch but not the dataset's, whose random crops depend on it."""
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(trainer.current_epoch)
-
-
-def dynamic_batch_loader(
-    dataset: Dataset, lengths: Sequence[int], config: TrainingConfig | Any,
-    collate_fn: Callable[[Sequence[dict[str, Any]]], dict[str, Any]],
-) -> DataLoader:
-    """Length-bucketed dynamic batches of RECIPE's 250 s of audio per 64 utterances of
-    ``config.batch_size``, 50 buckets, lengths capped at ``maxseqlen``."""
-    sampler = BucketBatchSampler(
-        lengths,
-        max_batch_samples=int(SECONDS_PER_64 * SAMPLE_RATE * config.batch_size / 64),
-        num_buckets=NUM_BUCKETS,
-        max_len=int(config.maxseqlen * SAMPLE_RATE),
-        shuffle=True,
-        seed=config.seed,
-    )
-    return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers
-    )
-
-
-def validate_step_config(config: Any) -> None:
-    """Refuse bad numbers of a step-based pretraining stage before any work starts."""
-    for name in ("lr", "batch_size", "training_step", "checkpoint_every", "maxseqlen"):
-        common.positive(name, getattr(config, name))
-    if not 0 <= config.warmup_step <= config.training_step:
-        raise SerInputError(
-            f"warmup_step={config.warmup_step} must be between 0 and training_step="
-            f"{config.training_step}"
-        )
-    if int(config.maxseqlen * SAMPLE_RATE) < receptive_field():
-        raise SerInputError(
-            f"maxseqlen={config.maxseqlen} s is shorter than one wav2vec 2.0 frame "
-            f"({receptive_field() / SAMPLE_RATE} s); the recipe uses 10"
-        )
-    if config.gradient_clip_val < 0:
-        raise SerInputError(
-            f"gradient_clip_val={config.gradient_clip_val} must be >= 0 (0: no clipping)"
-        )
-    if not math.isfinite(config.lr):
-        raise SerInputError(f"lr={config.lr} must be a finite number")
-
-
-def require_train_audio(folds: Sequence[LabelFile]) -> None:
-    empty = [fold.path.name for fold in folds if not fold.train]
-    if empty:
-        raise SerInputError(
-            f"the fold files {empty} have an empty Train split; pretraining uses Train audio "
-            "only, so give every fold some Train files"
-        )
-
-
-def run(config: TaptConfig, *, logger_factory: LoggerFactory | None = None) -> TaptResult:
+def run(config: TaptConfig, context: StageContext) -> TaptResult:
     """TAPT on every fold (module docstring); a fold whose backbone exists is skipped."""
-    validate_step_config(config)
-    folds = common.load_folds(config)
-    require_train_audio(folds)
-    common.seed_everything(config.seed)  # preset backbones are drawn from the seed
+    config.check()
+    folds = training.load_folds(config)
+    training.require_train_audio(folds)
+    training.seed_everything(config.seed)  # preset backbones are drawn from the seed
     initial = load_pretraining_model(config.backbone)
-    output_dir = stage_output_dir(config, STAGE)
-    common.save_config(config, output_dir)
+    output_dir = training.stage_output_dir(config, SPEC.name)
+    training.save_config(config, output_dir)
     result = TaptResult(output_dir=output_dir)
     for fold in folds:
-        logger = logger_factory(fold.name) if logger_factory else False
+        logger = context.logger(fold.name)
         path, loss = _run_fold(config, fold, initial, output_dir / fold.name, logger)
         result.backbones[fold.name] = path
         if loss is not None:
             result.final_loss[fold.name] = loss
     log.info(
         "TAPT: %d fold(s) (%d trained now), backbones in %s/<fold>/%s",
-        len(folds), len(result.final_loss), output_dir, BACKBONE_DIR,
+        len(folds), len(result.final_loss), output_dir, artifacts.BACKBONE,
     )
     return result
 
@@ -337,11 +220,11 @@ def _run_fold(
     fold_dir: Path,
     logger: Logger | bool,
 ) -> tuple[Path, float | None]:
-    target = fold_dir / BACKBONE_DIR
+    target = fold_dir / artifacts.BACKBONE
     if (target / "config.json").is_file():
         log.info("TAPT fold %s: already done, its backbone is in %s; skipping", fold.name, target)
         return target, None
-    common.seed_everything(config.seed)
+    training.seed_everything(config.seed)
     # Train audio only: the fold's Val and Test files must stay unseen until evaluation.
     dataset = AudioOnlyDataset(
         config.datadir,
@@ -351,23 +234,23 @@ def _run_fold(
         seed=config.seed,
         downmix=config.downmix,
     )
-    loader = dynamic_batch_loader(dataset, dataset.lengths, config, collate_audio)
+    loader = training.dynamic_batch_loader(dataset, dataset.lengths, config, collate_audio)
     module = TaptModule(
         copy.deepcopy(initial),
         lr=config.lr,
         warmup_step=config.warmup_step,
         training_step=config.training_step,
     )
-    trainer = build_trainer(
+    trainer = training.build_trainer(
         config,
         fold_dir,
         max_steps=config.training_step,
         every_n_train_steps=config.checkpoint_every,
         logger=logger,
-        callbacks=[SetDatasetEpoch(), WriteModelJson(module.model.config)],
+        callbacks=[training.SetDatasetEpoch(), training.WriteModelJson(module.model.config)],
         enable_validation=False,
     )
-    fit(trainer, module, fold_dir, train_dataloaders=loader)
+    training.fit(trainer, module, fold_dir, train_dataloaders=loader)
     save_backbone(module.model, target)
     loss = trainer.callback_metrics.get("loss")
     final = float(loss) if loss is not None else float("nan")
@@ -377,3 +260,9 @@ def _run_fold(
         fold.name, trainer.global_step, len(dataset), final, module.skipped_steps, target,
     )
     return target, final
+
+
+SPEC = Stage(
+    name="tapt_pretrain", config_cls=TaptConfig, run=run, inputs=("backbone",),
+    outputs=(artifacts.BACKBONE,),
+)
