@@ -16,13 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-from mlflow.entities import Run  # noqa: E402
 
 from ser import tracking  # noqa: E402
 from ser.atomic import atomic_path, atomic_write_text  # noqa: E402
 from ser.config import CompareConfig  # noqa: E402
 from ser.errors import SerInputError  # noqa: E402
-from ser.tracking import TAG_METHOD, TAG_PARENT, TAG_STAGE  # noqa: E402
+from ser.tracking import TAG_METHOD, TAG_PARENT, TAG_STAGE, Run  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -250,12 +250,12 @@ class ClusterConfig:
         ks = list(self.num_clusters)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in ks):
             raise checks.ConfigError(
-                "num_clusters", ",".join(map(str, ks)),
-                "must list one or more cluster counts, each an integer >= 2",
+                "num_clusters", tuple(ks), "must list one or more cluster counts, each an "
+                "integer >= 2, e.g. 64,512,4096",
             )
         if len(set(ks)) != len(ks):
             raise checks.ConfigError(
-                "num_clusters", ",".join(map(str, ks)), "repeats a cluster count; give each once"
+                "num_clusters", tuple(ks), "repeats a cluster count; give each once"
             )
         checks.in_range(self, "sample_ratio", 0, 1, low_open=True)
         checks.integer(self, "sample_cap_per_centroid", 1)

@@ -26,8 +26,8 @@ from ser.data.synthetic import generate_corpus
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMALL = [
-    "-P", "max_epochs=1", "-P", "batch_size=4", "-P", "w2v1_training_step=2",
-    "-P", "training_step=2", "-P", "warmup_step=1", "-P", "num_clusters=2,3",
+    "-P", "max_epochs=1", "-P", "batch_size=4", "-P", "phase1_training_step=2",
+    "-P", "phase2_training_step=2", "-P", "phase2_warmup_step=1", "-P", "num_clusters=2,3",
 ]  # fmt: skip
 
 pytestmark = pytest.mark.slow

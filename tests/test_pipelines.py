@@ -22,6 +22,7 @@ from ser.config import (
 )
 from ser.data.synthetic import generate_corpus
 from ser.errors import SerInputError
+from ser.models import finetuned
 from ser.stages import finetune as finetune_stage
 
 FAST = {"max_epochs": 1, "batch_size": 4}
@@ -54,7 +55,7 @@ def test_vft_logs_headline_metrics_and_reuses_identical_work(
     tracking_uri: str, corpus: Path, tmp_path: Path
 ) -> None:
     config = MethodConfig(**_data(corpus, tmp_path), output_root=str(tmp_path / "out"), **FAST)
-    first = pipelines.vft(config)
+    first = pipelines.run_method(config)
     assert set(first) >= {f"test_{m}_{s}" for m in ("UA", "WA", "F1") for s in ("mean", "std")}
     parent = _runs("vft")[0]
     assert parent.data.tags["ser.method"] == "vft"
@@ -64,13 +65,13 @@ def test_vft_logs_headline_metrics_and_reuses_identical_work(
     assert child.data.params["lr"] == str(config.lr)
     assert len(child.data.tags["ser.data_fingerprint"]) == 64
 
-    second = pipelines.vft(config)
+    second = pipelines.run_method(config)
     assert second == first
     assert len(_runs("finetune")) == 1  # reused, not run again
     newest = max(_runs("vft"), key=lambda r: r.info.start_time)
     assert newest.data.tags["ser.reused.finetune"] == child.info.run_id
 
-    pipelines.vft(dataclasses.replace(config, force=True))
+    pipelines.run_method(dataclasses.replace(config, force=True))
     assert len(_runs("finetune")) == 2
 
 
@@ -97,17 +98,16 @@ def test_a_failed_stage_is_not_reused_and_resumes_in_place(
     tracking_uri: str, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stage = FinetuneConfig(**_data(corpus, tmp_path), **FAST)
-    real_run = finetune_stage.run
-
-    def dies(config: FinetuneConfig, **kwargs: object) -> None:
+    def dies(config: FinetuneConfig, context: object) -> None:
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(finetune_stage, "run", dies)
-    with pytest.raises(RuntimeError, match="killed"):
-        pipelines.execute_stage("finetune", stage, output_root=str(tmp_path / "o"))
+    with monkeypatch.context() as patch:
+        dying = dataclasses.replace(finetune_stage.SPEC, run=dies)
+        patch.setitem(pipelines.STAGES, "finetune", dying)
+        with pytest.raises(RuntimeError, match="killed"):
+            pipelines.execute_stage("finetune", stage, output_root=str(tmp_path / "o"))
     failed = _runs("finetune")[0]
     assert failed.info.status == "FAILED" and "ser.complete" not in failed.data.tags
-    monkeypatch.setattr(finetune_stage, "run", real_run)
     outcome = pipelines.execute_stage("finetune", stage, output_root=str(tmp_path / "o"))
     assert not outcome.reused and outcome.run_id != failed.info.run_id
     assert str(outcome.output_dir) == failed.data.tags["ser.output_dir"]
@@ -157,10 +157,11 @@ def test_ptapt_end_to_end_and_its_servable_model(
 ) -> None:
     config = PtaptMethodConfig(
         **_data(corpus, tmp_path), output_root=str(tmp_path / "out"), **FAST,
-        w2v1_training_step=2, num_clusters=(2, 3), training_step=2, warmup_step=1,
+        phase1_training_step=2, num_clusters=(2, 3), phase2_training_step=2,
+        phase2_warmup_step=1,
         register_as="ser-test-model",
     )  # fmt: skip
-    headline = pipelines.ptapt(config)
+    headline = pipelines.run_method(config)
     parent = _runs("ptapt")[0]
     children = {r.data.tags["ser.stage"]: r for r in
                 mlflow.search_runs(search_all_experiments=True, output_format="list",
@@ -179,10 +180,10 @@ def test_ptapt_end_to_end_and_its_servable_model(
     wavs = sorted((corpus / "Audio_16k").glob("*.wav"))[:3]
     table = served.predict(pd.DataFrame({"path": [str(w) for w in wavs]}))
     out_dir = Path(children["finetune"].data.tags["ser.output_dir"])
-    model, classes = finetune_stage.load_finetuned(out_dir / "model")
+    model, classes = finetuned.load_finetuned(out_dir / "model")
     from ser.audio import read_audio
 
-    indices, probs = finetune_stage.predict(model, [read_audio(w) for w in wavs])
+    indices, probs = finetuned.predict(model, [read_audio(w) for w in wavs])
     assert list(table["label"]) == [classes[i] for i in indices]
     np.testing.assert_allclose(table[[f"prob_{c}" for c in classes]].to_numpy(), probs, atol=1e-6)
     versions = mlflow.MlflowClient().search_model_versions("name = 'ser-test-model'")

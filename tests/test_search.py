@@ -247,14 +247,14 @@ def test_the_search_needs_a_validation_split(
     ("overrides", "message"),
     [
         ({"n_trials": 0}, "n_trials=0 must be an integer >= 1"),
-        ({"method": "xft"}, "method='xft': choose one of vft, tapt, ptapt"),
-        ({"lr_min": 0.1, "lr_max": 0.01}, "need 0 < lr_min <= lr_max"),
-        ({"lr_min": 0.0}, "need 0 < lr_min <= lr_max"),
+        ({"method": "xft"}, "method='xft' is not one of: vft, tapt, ptapt"),
+        ({"lr_min": 0.1, "lr_max": 0.01}, "lr_min=0.1 must be <= lr_max=0.01"),
+        ({"lr_min": 0.0}, "lr_min=0.0 must be a finite number > 0"),
         ({"batch_sizes": ()}, "batch_sizes"),
         ({"batch_sizes": (4, 0)}, "batch_sizes='4,0'"),
         ({"method": "ptapt", "num_clusters_choices": "8,x;16"}, "num_clusters_choices"),
         ({"method": "ptapt", "num_clusters_choices": "1,8"}, "integers >= 2"),
-        ({"pruner": "hyperband"}, "pruner='hyperband': choose one of median, none"),
+        ({"pruner": "hyperband"}, "pruner='hyperband' is not one of: median, none"),
         ({"sampler": "grid"}, "sampler='grid'"),
         ({"timeout": -1.0}, "timeout=-1.0"),
         ({"max_epochs": 0}, "max_epochs=0"),
@@ -342,7 +342,7 @@ def test_a_ptapt_search_reuses_pretraining_across_trials(
 ) -> None:
     config = _config(
         corpus, tmp_path, method="ptapt", n_trials=2, batch_sizes=(4,), num_clusters_choices="2,3",
-        w2v1_training_step=2, training_step=2, warmup_step=1,
+        phase1_training_step=2, phase2_training_step=2, phase2_warmup_step=1,
     )  # fmt: skip
     result = search(config)
     assert result.complete == 2

@@ -21,7 +21,12 @@ from ser.data.frames import label_frame_count
 from ser.data.labels import read_label_file, write_label_file
 from ser.data.synthetic import DemoCorpus, generate_corpus
 from ser.errors import SerInputError
-from ser.models.emotion_w2v1 import EmotionWav2Vec1, w2v1_frames_20ms
+from ser.models.emotion_w2v1 import (
+    EmotionWav2Vec1,
+    load_emotion_w2v1,
+    save_emotion_w2v1,
+    w2v1_frames_20ms,
+)
 from ser.models.wav2vec1 import Wav2Vec1Config, load_wav2vec1
 from ser.stages import cluster, ptapt_phase2
 from ser.stages.cluster import (
@@ -32,7 +37,7 @@ from ser.stages.cluster import (
     store_features,
     train_kmeans,
 )
-from ser.stages.ptapt_phase1 import load_emotion_w2v1, save_emotion_w2v1
+from ser.stages.contract import StageContext
 
 # Lengths in samples: no frame at all (500 < 945), exactly one frame, odd lengths around whole
 # frames, several seconds.
@@ -267,7 +272,8 @@ def test_gives_each_fold_its_numbers_through_the_logger_factory(
     tmp_path: Path,
 ) -> None:
     config, result, _ = clustered
-    cluster.run(config, logger_factory=lambda fold: CSVLogger(tmp_path, name=fold))  # skips
+    logs = StageContext(logger_factory=lambda fold: CSVLogger(tmp_path, name=fold))
+    cluster.run(config, logs)  # skips
     for fold_name in setup.folds:
         with open(tmp_path / fold_name / "version_0" / "metrics.csv") as handle:
             row = next(csv.DictReader(handle))
@@ -296,7 +302,7 @@ def test_a_failure_mid_fold_leaves_no_features_and_no_merged_file(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num_clusters": (1,)}, r"num_clusters=\(1,\).*bad: \[1\]"),
+        ({"num_clusters": (1,)}, r"num_clusters=\(1,\) must list .* integer >= 2"),
         ({"num_clusters": (4, 0)}, r"num_clusters=\(4, 0\)"),
         ({"num_clusters": ()}, r"num_clusters=\(\)"),
         ({"num_clusters": (2, 2)}, "repeats"),
@@ -304,7 +310,7 @@ def test_a_failure_mid_fold_leaves_no_features_and_no_merged_file(
         ({"sample_ratio": 0.0}, "sample_ratio=0.0"),
         ({"sample_ratio": 1.5}, "sample_ratio=1.5"),
         ({"niter": 0}, "niter=0"),
-        ({"pretrained_path": ""}, "pretrained_path is empty"),
+        ({"pretrained_path": ""}, "pretrained_path='' is empty"),
         ({"pretrained_path": "no/such/dir"}, "pretrained_path=no/such/dir: no such"),
     ],
 )

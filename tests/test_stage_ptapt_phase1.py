@@ -22,17 +22,16 @@ from ser.data import datasets
 from ser.data.labels import read_label_file, write_label_file
 from ser.data.synthetic import DemoCorpus, generate_corpus
 from ser.errors import SerInputError
-from ser.models.emotion_w2v1 import EmotionWav2Vec1
+from ser.models.emotion_w2v1 import EmotionWav2Vec1, load_emotion_w2v1, save_emotion_w2v1
 from ser.models.wav2vec1 import Wav2Vec1Config, load_wav2vec1
 from ser.stages import cluster, ptapt_phase1
-from ser.stages.ptapt_phase1 import (
-    class_weights,
-    crop_to_shortest,
-    load_emotion_w2v1,
-    min_samples,
-    save_emotion_w2v1,
-    split_train,
-)
+from ser.stages.contract import StageContext
+from ser.stages.ptapt_phase1 import crop_to_shortest, min_samples, split_train
+
+
+def _with(callback: pl.Callback) -> StageContext:
+    """A stage context that adds ``callback`` to every fold's Trainer."""
+    return StageContext(callback_factory=lambda index, name: [callback])
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +106,7 @@ def trained(corpus: DemoCorpus, tmp_path_factory: pytest.TempPathFactory) -> _Ru
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(datasets, "read_audio", spy)
-        result = ptapt_phase1.run(config, callbacks=[_PerFold()])
+        result = ptapt_phase1.run(config, _with(_PerFold()))
     return _Run(config, result, recorders, read)
 
 
@@ -225,18 +224,18 @@ def test_resumes_after_a_kill_and_runs_only_the_remaining_steps(
     config = _config(corpus, tmp_path, labelpath=str(corpus.label_files[0]))
     fold_dir = tmp_path / corpus.label_files[0].stem
     with pytest.raises(RuntimeError, match=KILL_MESSAGE):
-        ptapt_phase1.run(config, callbacks=[KillAt(at_step=3)])
+        ptapt_phase1.run(config, _with(KillAt(at_step=3)))
     assert safe_torch_load(fold_dir / "checkpoints/last.ckpt")["global_step"] == 2
     assert not (fold_dir / "w2v1").exists()
 
     second = _Recorder()
-    result = ptapt_phase1.run(config, callbacks=[second])
+    result = ptapt_phase1.run(config, _with(second))
     assert result.global_step[fold_dir.name] == 6
     assert second.batches == 4  # steps 3..6 only
     assert sorted(second.valid) == [4, 6]  # step 2's validation is not repeated
 
     third = _Recorder()
-    again = ptapt_phase1.run(config, callbacks=[third])  # finished: the fold is skipped
+    again = ptapt_phase1.run(config, _with(third))  # finished: the fold is skipped
     assert third.batches == 0 and again.best_valid_loss == result.best_valid_loss
 
 
@@ -261,13 +260,6 @@ def test_bad_parameters_fail_before_any_work(
     with pytest.raises(SerInputError, match=message):
         ptapt_phase1.run(config)
     assert not (tmp_path / "out").exists()
-
-
-def test_class_weights_are_normalised_inverse_frequencies() -> None:
-    weights = class_weights(["a", "a", "b"], ["a", "b"], "here")
-    assert weights.tolist() == pytest.approx([1 / 3, 2 / 3])
-    with pytest.raises(SerInputError, match=r"here has no utterance of class\(es\) \['c'\]"):
-        class_weights(["a", "b"], ["a", "b", "c"], "here")
 
 
 def test_crop_to_shortest_takes_a_window_of_each_item_without_padding() -> None:

@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from stage_callbacks import KILL_MESSAGE, CountSteps, KillAt, add_callback
 from transformers import Wav2Vec2Model
 
+from ser import artifacts, training
 from ser.audio import check_audio_files
 from ser.checkpoints import safe_torch_load
 from ser.config import DemoCorpusConfig, Phase2Config
@@ -25,6 +26,7 @@ from ser.data.synthetic import DemoCorpus, generate_corpus
 from ser.errors import SerInputError
 from ser.models.backbones import load_backbone, preset_config, save_backbone
 from ser.stages import ptapt_phase2 as phase2
+from ser.stages.contract import StageContext
 from ser.training import last_checkpoint
 
 STEPS = 4
@@ -98,7 +100,8 @@ def test_runs_every_fold_from_the_clustering_layout(
     monkeypatch.setattr(_SpyDataset, "built", [])
     config = _config(corpus, tmp_path / "out", tmp_path / "clusters", labelpath="",
                      labeldir=str(corpus.label_dir), backbone=str(initial))
-    result = phase2.run(config, logger_factory=lambda fold: CSVLogger(tmp_path / "logs", fold))
+    logs = StageContext(logger_factory=lambda fold: CSVLogger(tmp_path / "logs", fold))
+    result = phase2.run(config, logs)
     assert sorted(result.backbones) == [fold.name for fold in folds]
     # cluster_stats.json decides the heads, not the largest labels (3 and 7 here)
     assert result.num_clusters == {fold.name: [5, 9] for fold in folds}
@@ -214,7 +217,7 @@ def test_bad_cluster_files_fail_before_any_output(
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"clusterpath": ""}, "clusterpath is empty"),
+    ({"clusterpath": ""}, "clusterpath='' is empty"),
     ({"mask_time_prob": 0.0}, "mask_time_prob=0.0"),
     ({"training_step": 0}, "training_step=0"),
     ({"warmup_step": -1}, "warmup_step=-1"),
@@ -236,18 +239,18 @@ def test_a_killed_run_resumes_and_runs_only_the_remaining_steps(
     path = _write_clusters(tmp_path / "clusters", labels)
     config = _config(corpus, tmp_path / "out", path, training_step=5, checkpoint_every=2)
     fold_dir = tmp_path / "out" / Path(corpus.label_files[0]).stem
-    add_callback(monkeypatch, phase2, KillAt(at_step=3))
+    add_callback(monkeypatch, training, KillAt(at_step=3))
     with pytest.raises(RuntimeError, match=KILL_MESSAGE):
         phase2.run(config)
     checkpoint = last_checkpoint(fold_dir)
     assert checkpoint is not None and safe_torch_load(checkpoint)["global_step"] == 2
-    assert not (fold_dir / phase2.BACKBONE_DIR).exists()
+    assert not (fold_dir / artifacts.BACKBONE).exists()
     count = CountSteps()
-    add_callback(monkeypatch, phase2, count)
+    add_callback(monkeypatch, training, count)
     phase2.run(config)
     assert count.final_step == 5 and count.steps == 3
     again = CountSteps()
-    add_callback(monkeypatch, phase2, again)
+    add_callback(monkeypatch, training, again)
     result = phase2.run(config)
     assert again.steps == 0 and result.final_loss == {}
     assert (result.backbones[fold_dir.name] / "config.json").is_file()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
+from ser import artifacts, training
 from ser.checkpoints import safe_torch_load
 from ser.config import DemoCorpusConfig, TaptConfig
 from ser.data.datasets import AudioOnlyDataset, collate_audio
@@ -29,6 +30,7 @@ from ser.data.synthetic import DemoCorpus, generate_corpus
 from ser.errors import SerInputError
 from ser.models.backbones import load_backbone, load_pretraining_model, preset_config, save_backbone
 from ser.stages import tapt
+from ser.stages.contract import StageContext
 from ser.training import build_trainer, fit, last_checkpoint
 
 STEPS = 4
@@ -105,7 +107,8 @@ def test_runs_every_fold_on_its_train_audio_only(
     # per epoch of a fold's 8 Train files, and STEPS = 4 reaches a second epoch.
     config = _config(corpus, tmp_path / "out", initial, labelpath="",
                      labeldir=str(corpus.label_dir), maxseqlen=1.0)
-    result = tapt.run(config, logger_factory=lambda fold: CSVLogger(tmp_path / "logs", fold))
+    logs = StageContext(logger_factory=lambda fold: CSVLogger(tmp_path / "logs", fold))
+    result = tapt.run(config, logs)
     assert sorted(result.backbones) == [fold.name for fold in folds]
     assert (tmp_path / "out" / "config.json").is_file()
     assert len(_SpyDataset.built) == len(folds)  # one dataset per fold, in fold order
@@ -275,7 +278,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped(
     trainer = build_trainer(config, tmp_path, max_steps=2, callbacks=[record],
                             enable_validation=False)
     assert trainer.gradient_clip_val == 1.0  # clipping is on by default for TAPT
-    with caplog.at_level(logging.WARNING, logger="ser.stages.tapt"):
+    with caplog.at_level(logging.WARNING, logger="ser.training"):
         fit(trainer, module, tmp_path, train_dataloaders=loader)
     assert "not finite" in caplog.text and "skipping" in caplog.text
     _assert_same(record.after_step[0], initial_weights)  # the NaN step changed nothing
@@ -321,20 +324,20 @@ def test_a_killed_run_resumes_and_runs_only_the_remaining_steps(
 ) -> None:
     config = _config(corpus, tmp_path, training_step=5, checkpoint_every=2)
     fold_dir = tmp_path / Path(corpus.label_files[0]).stem
-    add_callback(monkeypatch, tapt, KillAt(at_step=3))
+    add_callback(monkeypatch, training, KillAt(at_step=3))
     with pytest.raises(RuntimeError, match=KILL_MESSAGE):
         tapt.run(config)
     checkpoint = last_checkpoint(fold_dir)
     assert checkpoint is not None and safe_torch_load(checkpoint)["global_step"] == 2
-    assert not (fold_dir / tapt.BACKBONE_DIR).exists()
+    assert not (fold_dir / artifacts.BACKBONE).exists()
     count = CountSteps()
-    add_callback(monkeypatch, tapt, count)
+    add_callback(monkeypatch, training, count)
     tapt.run(config)
     assert count.final_step == 5 and count.steps == 3
-    assert (fold_dir / tapt.BACKBONE_DIR / "config.json").is_file()
+    assert (fold_dir / artifacts.BACKBONE / "config.json").is_file()
     # A finished fold is skipped: nothing trains again.
     again = CountSteps()
-    add_callback(monkeypatch, tapt, again)
+    add_callback(monkeypatch, training, again)
     result = tapt.run(config)
     assert again.steps == 0 and result.final_loss == {}
-    assert result.backbones == {fold_dir.name: fold_dir / tapt.BACKBONE_DIR}
+    assert result.backbones == {fold_dir.name: fold_dir / artifacts.BACKBONE}

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ser.config import TrainingConfig
 from ser.errors import SerInputError
 from ser.schedule import warmup_flat_decay, warmup_flat_decay_factor
-from ser.training import build_trainer, fit, last_checkpoint, resolve_precision
+from ser.training import build_trainer, class_weights, fit, last_checkpoint, resolve_precision
 
 
 def test_schedule_warms_up_holds_then_decays_to_zero() -> None:
@@ -93,3 +93,11 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     assert resumed.steps_run == 2  # only the steps after the checkpoint were trained again
     # resumed at an epoch boundary, the run is the uninterrupted one, step for step
     torch.testing.assert_close(resumed.layer.weight, reference.layer.weight)
+
+
+def test_class_weights_are_normalised_inverse_frequencies() -> None:
+    # N = 6, counts 3, 1, 2: N / n = 2, 6, 3, normalised by 11.
+    weights = class_weights(list("aaabcc"), ["a", "b", "c"], "here")
+    assert weights == pytest.approx([2 / 11, 6 / 11, 3 / 11])
+    with pytest.raises(SerInputError, match=r"here has no utterance of class\(es\) \['c'\]"):
+        class_weights(["a", "b"], ["a", "b", "c"], "here")

@@ -65,7 +65,7 @@ from ser.models.emotion_w2v1 import (
     w2v1_frames_20ms,
 )
 from ser.models.wav2vec1 import Wav2Vec1Config
-from ser.stages.contract import Stage, StageContext
+from ser.stages.contract import NO_CONTEXT, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class _FoldPlan:
     sample_rows: np.ndarray
 
 
-def run(config: ClusterConfig, context: StageContext) -> ClusterResult:
+def run(config: ClusterConfig, context: StageContext = NO_CONTEXT) -> ClusterResult:
     """Cluster the phase-1 features of every fold's Train audio; see the module docstring.
 
     The context's logger for each fold receives that fold's numbers (inertia, empty clusters

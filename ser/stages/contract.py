@@ -67,3 +67,6 @@ class Stage:
         if not isinstance(config, self.config_cls):
             raise TypeError(f"stage {self.name} takes a {self.config_cls.__name__}")
         config.check()
+
+
+NO_CONTEXT = StageContext()  # a stage run on its own: no logger, no extra callbacks

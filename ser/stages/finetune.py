@@ -19,8 +19,8 @@ Outputs (``output_dir`` defaults to ``outputs/finetune``)::
       summary.json, summary.txt       mean / std / median over folds and repeats (as
                                       ``ser.metrics.summarise``), per fold, per class, every run
       confusion_matrix.png            the confusion matrix summed over runs
-      model/                          one run's fine-tuned model, for serving:
-                                      :func:`load_finetuned` and :func:`predict` read it
+      model/                          one run's fine-tuned model, for serving
+                                      (``ser.models.finetuned``: export, load, predict)
 
 A run whose ``results.json`` exists is skipped, so a re-run after a crash resumes: finished runs
 are reused and the interrupted one continues from its ``last.ckpt``.
@@ -29,15 +29,11 @@ Which model is exported: picking the run with the best *test* UA would select on
 The run with the best *validation* UA (at its tested checkpoint) is exported when the folds have
 a Val split; without one there is nothing to select on, and the first fold's first run is.
 
-Evaluation batches: with a group-norm feature encoder (wav2vec2-base, the ``tiny`` preset) an
-utterance's logits change when it is padded in a batch, because the first conv layer normalises
-over the whole padded time axis, so validation and test run one utterance at a time, as the
-original does. With a layer-norm feature encoder (wav2vec2-large) padded batches give the same
-logits (tests/test_stage_finetune.py shows both), and utterances are evaluated
-:data:`EVAL_BATCH_SIZE` at a time.
+Validation and test batch utterances only where padding cannot change the logits (see
+``ser.models.finetuned``); the summary and its text are ``ser.report``'s.
 
-``logger_factory`` is called once per run with ``"<fold>/run_<r>"``; ``callback_factory``, if
-given, with the run's index and that name, and its callbacks join the run's Trainer.
+The context's logger is asked once per run with ``"<fold>/run_<r>"``, its callbacks with the
+run's index (folds x repeats, in order) and that name; they join the run's Trainer.
 
 Departures from the original
 ----------------------------
@@ -70,7 +66,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from ser import artifacts, report, training
@@ -85,7 +80,7 @@ from ser.models.backbones import load_backbone, write_model_json
 from ser.models.finetuned import eval_batch_size, export_model
 from ser.models.heads import UtteranceClassifier
 from ser.plots import plot_confusion
-from ser.stages.contract import LoggerFactory, Stage, StageContext
+from ser.stages.contract import NO_CONTEXT, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +332,8 @@ def _train_and_test(
     job: _Run,
     classes: list[str],
     output_dir: Path,
-    logger_factory: LoggerFactory | None,
-    callbacks: Sequence[Callback] = (),
+    context: StageContext,
+    index: int,
 ) -> dict[str, Any]:
     results_path = job.directory / artifacts.RESULTS_JSON
     if results_path.is_file():
@@ -350,7 +345,7 @@ def _train_and_test(
                             mask_feature_prob=config.mask_feature_prob)
     loaders = _loaders(config, job.fold, classes, job.seed, module.eval_batch_size)
     has_val = loaders.val is not None
-    trainer = _fit(config, job, module, loaders, logger_factory, callbacks)
+    trainer = _fit(config, job, module, loaders, context, index)
     tested = training.best_checkpoint(trainer) if has_val else training.last_checkpoint(
         job.directory)
     if tested is None:
@@ -370,16 +365,17 @@ def _fit(
     job: _Run,
     module: FinetuneModule,
     loaders: _Loaders,
-    logger_factory: LoggerFactory | None,
-    callbacks: Sequence[Callback] = (),
+    context: StageContext,
+    index: int,
 ) -> pl.Trainer:
     """Train (resuming from the run's last.ckpt); checkpoints by valid_UA when there is a Val."""
     has_val = loaders.val is not None
     trainer = training.build_trainer(
         config, job.directory, max_epochs=config.max_epochs,
         monitor="valid_UA" if has_val else None, mode="max",
-        logger=logger_factory(job.name) if logger_factory else False,
-        callbacks=[training.SetDatasetEpoch(), *callbacks], enable_validation=has_val,
+        logger=context.logger(job.name),
+        callbacks=[training.SetDatasetEpoch(), *context.callbacks(index, job.name)],
+        enable_validation=has_val,
     )
     with warnings.catch_warnings():
         # Folds without Val (IEMOCAP's) are expected: no warning per run about it.
@@ -424,10 +420,9 @@ def _run_record(
 # --------------------------------------------------------------------------- the stage
 
 
-def run(config: FinetuneConfig, context: StageContext) -> FinetuneResult:
+def run(config: FinetuneConfig, context: StageContext = NO_CONTEXT) -> FinetuneResult:
     """Fine-tune every fold ``num_exps`` times, test, summarise, and export one model."""
     config.check()
-    logger_factory, callback_factory = context.logger_factory, context.callback_factory
     folds = training.load_folds(config)
     classes = training.resolve_classes(config, folds)
     weights = _check_folds(folds, classes)
@@ -441,11 +436,8 @@ def run(config: FinetuneConfig, context: StageContext) -> FinetuneResult:
         for fold in folds
         for repeat in range(config.num_exps)
     ]
-    runs = [
-        _train_and_test(config, job, classes, output_dir, logger_factory,
-                        callback_factory(index, job.name) if callback_factory else ())
-        for index, job in enumerate(jobs)
-    ]  # fmt: skip
+    runs = [_train_and_test(config, job, classes, output_dir, context, index)
+            for index, job in enumerate(jobs)]  # fmt: skip
     return _finish(runs, classes, output_dir)
 
 

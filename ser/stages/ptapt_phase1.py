@@ -66,7 +66,7 @@ from ser.models.wav2vec1 import (
     receptive_field,
 )
 from ser.schedule import warmup_flat_decay
-from ser.stages.contract import Stage, StageContext
+from ser.stages.contract import NO_CONTEXT, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class _FoldPlan:
     weights: torch.Tensor
 
 
-def run(config: Phase1Config, context: StageContext) -> Phase1Result:
+def run(config: Phase1Config, context: StageContext = NO_CONTEXT) -> Phase1Result:
     """Train one phase-1 model per fold; see the module docstring.
 
     The context's callbacks join each fold's Trainer (index: the fold's position).

@@ -9,9 +9,9 @@ the cross-entropy on masked frames. Data: the fold's Train audio, cropped at ran
 
 Input ``clusterpath``: the clustering stage's output, either a merged label file
 ``{"<file>.wav": [[labels for k1], [labels for k2], ...]}`` or a folder with one subfolder per
-fold holding :data:`CLUSTERS_JSON` (``common.fold_input`` picks the fold's). The cluster counts,
-in head order, come from ``num_clusters`` in :data:`STATS_JSON` beside the label file; without
-that file, from the largest label of each head plus one.
+fold holding ``clusters.json`` (``ser.training.fold_input`` picks the fold's). The cluster
+counts, in head order, come from ``num_clusters`` in ``cluster_stats.json`` beside the label
+file; without that file, from the largest label of each head plus one (``ser.artifacts``).
 
 Output per fold: ``<fold>/backbone/``, the ``Wav2Vec2Model`` (``save_pretrained``) that
 fine-tuning loads with ``ser.models.backbones.load_backbone``; ``<fold>/checkpoints/last.ckpt``
@@ -37,6 +37,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 
 from ser import artifacts, training
@@ -49,7 +50,7 @@ from ser.errors import SerInputError
 from ser.models.backbones import load_backbone, save_backbone
 from ser.models.heads import FrameClusterHeads
 from ser.schedule import warmup_flat_decay
-from ser.stages.contract import Stage, StageContext
+from ser.stages.contract import NO_CONTEXT, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class Phase2Module(pl.LightningModule):
                                                          "interval": "step"}}
 
 
-def run(config: Phase2Config, context: StageContext) -> Phase2Result:
+def run(config: Phase2Config, context: StageContext = NO_CONTEXT) -> Phase2Result:
     """Phase 2 on every fold (module docstring); a fold whose backbone exists is skipped."""
     config.check()
     folds = training.load_folds(config)
@@ -250,10 +251,10 @@ def run(config: Phase2Config, context: StageContext) -> Phase2Result:
     output_dir = training.stage_output_dir(config, SPEC.name)
     training.save_config(config, output_dir)
     result = Phase2Result(output_dir=output_dir, num_clusters=counts)
-    for fold in folds:
-        logger = context.logger(fold.name)
+    for index, fold in enumerate(folds):
+        hooks = (context.logger(fold.name), context.callbacks(index, fold.name))
         clusters = (files[fold.name], counts[fold.name])
-        path, loss = _run_fold(config, fold, clusters, output_dir / fold.name, logger)
+        path, loss = _run_fold(config, fold, clusters, output_dir / fold.name, hooks)
         result.backbones[fold.name] = path
         if loss is not None:
             result.final_loss[fold.name] = loss
@@ -266,9 +267,10 @@ def run(config: Phase2Config, context: StageContext) -> Phase2Result:
 
 def _run_fold(
     config: Phase2Config, fold: LabelFile, cluster_input: tuple[Path, list[int]],
-    fold_dir: Path, logger: Logger | bool,
+    fold_dir: Path, hooks: tuple[Logger | bool, list[Callback]],
 ) -> tuple[Path, float | None]:
     target = fold_dir / artifacts.BACKBONE
+    logger, callbacks = hooks
     if (target / "config.json").is_file():
         log.info("phase 2 fold %s: already done, its backbone is in %s; skipping",
                  fold.name, target)
@@ -301,7 +303,8 @@ def _run_fold(
         max_steps=config.training_step,
         every_n_train_steps=config.checkpoint_every,
         logger=logger,
-        callbacks=[training.SetDatasetEpoch(), training.WriteModelJson(heads.backbone.config)],
+        callbacks=[training.SetDatasetEpoch(), training.WriteModelJson(heads.backbone.config),
+                   *callbacks],
         enable_validation=False,
     )
     training.fit(trainer, module, fold_dir, train_dataloaders=loader)

@@ -7,7 +7,7 @@ This stage draws the inputs that loss needs: time masks with the model config's
 ``mask_time_prob`` and ``mask_time_length`` (at least two spans, valid frames only) and, for
 every frame, ``num_negatives`` distractor frames from the same utterance's valid frames.
 
-Output per fold (see ``ser.stages.common`` for the layout): ``<fold>/backbone/``, the whole
+Output per fold (see ``ser.training`` for the layout): ``<fold>/backbone/``, the whole
 ``Wav2Vec2ForPreTraining`` written by ``save_pretrained``. Fine-tuning loads it with
 ``ser.models.backbones.load_backbone`` (which takes its ``wav2vec2`` part); passing it to TAPT
 again as ``backbone`` continues pretraining with the quantizer it learnt. ``<fold>/checkpoints/``
@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
@@ -61,7 +62,7 @@ from ser.models.backbones import load_pretraining_model, save_backbone
 from ser.models.heads import ensure_mask_embedding
 from ser.models.masking import time_mask
 from ser.schedule import warmup_flat_decay
-from ser.stages.contract import Stage, StageContext
+from ser.stages.contract import NO_CONTEXT, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class TaptModule(pl.LightningModule):
                                                          "interval": "step"}}
 
 
-def run(config: TaptConfig, context: StageContext) -> TaptResult:
+def run(config: TaptConfig, context: StageContext = NO_CONTEXT) -> TaptResult:
     """TAPT on every fold (module docstring); a fold whose backbone exists is skipped."""
     config.check()
     folds = training.load_folds(config)
@@ -200,9 +201,9 @@ def run(config: TaptConfig, context: StageContext) -> TaptResult:
     output_dir = training.stage_output_dir(config, SPEC.name)
     training.save_config(config, output_dir)
     result = TaptResult(output_dir=output_dir)
-    for fold in folds:
-        logger = context.logger(fold.name)
-        path, loss = _run_fold(config, fold, initial, output_dir / fold.name, logger)
+    for index, fold in enumerate(folds):
+        hooks = (context.logger(fold.name), context.callbacks(index, fold.name))
+        path, loss = _run_fold(config, fold, initial, output_dir / fold.name, hooks)
         result.backbones[fold.name] = path
         if loss is not None:
             result.final_loss[fold.name] = loss
@@ -218,9 +219,10 @@ def _run_fold(
     fold: LabelFile,
     initial: Wav2Vec2ForPreTraining,
     fold_dir: Path,
-    logger: Logger | bool,
+    hooks: tuple[Logger | bool, list[Callback]],
 ) -> tuple[Path, float | None]:
     target = fold_dir / artifacts.BACKBONE
+    logger, callbacks = hooks
     if (target / "config.json").is_file():
         log.info("TAPT fold %s: already done, its backbone is in %s; skipping", fold.name, target)
         return target, None
@@ -247,7 +249,8 @@ def _run_fold(
         max_steps=config.training_step,
         every_n_train_steps=config.checkpoint_every,
         logger=logger,
-        callbacks=[training.SetDatasetEpoch(), training.WriteModelJson(module.model.config)],
+        callbacks=[training.SetDatasetEpoch(), training.WriteModelJson(module.model.config),
+                   *callbacks],
         enable_validation=False,
     )
     training.fit(trainer, module, fold_dir, train_dataloaders=loader)
