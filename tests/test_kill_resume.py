@@ -13,8 +13,7 @@ import mlflow
 import pytest
 import torch
 
-from ser.config import DemoCorpusConfig
-from ser.data.synthetic import generate_corpus
+from ser.data.synthetic import DemoCorpus
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -26,18 +25,13 @@ def _last_step(path: Path) -> int:
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_finishes_with_the_planned_steps(
-    tmp_path: Path, tracking_uri: str
+    corpus: DemoCorpus, tmp_path: Path, tracking_uri: str
 ) -> None:
-    corpus = tmp_path / "corpus"
-    generate_corpus(
-        DemoCorpusConfig(output_dir=str(corpus), num_speakers=3, utterances_per_class=2,
-                         min_seconds=1.0, max_seconds=1.5)
-    )  # fmt: skip
     out = tmp_path / "tapt"
     command = [
         sys.executable, str(ROOT / "entrypoints" / "tapt_pretrain.py"),
-        "--datadir", str(corpus / "Audio_16k"),
-        "--labelpath", str(corpus / "labels" / "fold_1.json"),
+        "--datadir", str(corpus.audio_dir),
+        "--labelpath", str(corpus.label_dir / "fold_1.json"),
         "--output_dir", str(out), "--training_step", str(STEPS), "--warmup_step", "2",
         "--checkpoint_every", "5", "--batch_size", "4",
     ]  # fmt: skip

@@ -20,8 +20,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from ser.config import DemoCorpusConfig
-from ser.data.synthetic import generate_corpus
+from ser.data.synthetic import DemoCorpus
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,25 +32,15 @@ SMALL = [
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli") / "corpus"
-    generate_corpus(
-        DemoCorpusConfig(
-            output_dir=str(root), num_speakers=3, utterances_per_class=2,
-            min_seconds=1.0, max_seconds=1.5,
-        )
-    )  # fmt: skip
-    return root
-
-
 def _env(tracking_uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     return {**env, "PATH": f"{BIN}:{env['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri}
 
 
-def _mlflow_run(entry: str, corpus: Path, cwd: Path, tracking_uri: str, *params: str) -> float:
-    data = ["-P", f"datadir={corpus / 'Audio_16k'}", "-P", f"labeldir={corpus / 'labels'}"]
+def _mlflow_run(
+    entry: str, corpus: DemoCorpus, cwd: Path, tracking_uri: str, *params: str
+) -> float:
+    data = ["-P", f"datadir={corpus.audio_dir}", "-P", f"labeldir={corpus.label_dir}"]
     start = time.perf_counter()
     result = subprocess.run(
         ["mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry, *data, *params],
@@ -70,7 +59,7 @@ def _runs(tracking_uri: str, stage: str) -> list[mlflow.entities.Run]:
 
 
 def test_ptapt_twice_reuses_every_stage_then_predicts(
-    corpus: Path, tmp_path: Path, tracking_uri: str
+    corpus: DemoCorpus, tmp_path: Path, tracking_uri: str
 ) -> None:
     _mlflow_run("ptapt", corpus, tmp_path, tracking_uri, *SMALL)
     stages = ("pretrain_w2v1", "cluster", "pretrain_w2v2", "finetune")
@@ -84,7 +73,7 @@ def test_ptapt_twice_reuses_every_stage_then_predicts(
         assert parents[1].data.tags[f"ser.reused.{stage}"] == first[stage][0].info.run_id
     assert parents[1].data.metrics["test_UA_mean"] == parents[0].data.metrics["test_UA_mean"]
 
-    wav = sorted((corpus / "Audio_16k").glob("*.wav"))[0]
+    wav = sorted(corpus.audio_dir.glob("*.wav"))[0]
     (tmp_path / "input.csv").write_text(f"path\n{wav}\n")
     result = subprocess.run(
         ["mlflow", "models", "predict", "-m", parents[1].data.tags["ser.model_uri"],
@@ -98,7 +87,7 @@ def test_ptapt_twice_reuses_every_stage_then_predicts(
 
 
 def test_stages_chain_across_separate_mlflow_runs(
-    corpus: Path, tmp_path: Path, tracking_uri: str
+    corpus: DemoCorpus, tmp_path: Path, tracking_uri: str
 ) -> None:
     _mlflow_run("pretrain_w2v1", corpus, tmp_path, tracking_uri,
                 "-P", "training_step=2", "-P", "batch_size=4")  # fmt: skip
@@ -115,9 +104,9 @@ def test_stages_chain_across_separate_mlflow_runs(
 
 
 def test_a_bad_parameter_is_one_clear_line_before_training(
-    corpus: Path, tmp_path: Path, tracking_uri: str
+    corpus: DemoCorpus, tmp_path: Path, tracking_uri: str
 ) -> None:
-    data = ["--datadir", str(corpus / "Audio_16k"), "--labeldir", str(corpus / "labels")]
+    data = ["--datadir", str(corpus.audio_dir), "--labeldir", str(corpus.label_dir)]
     cases = [
         ("cluster", ["--pretrained_path", str(tmp_path), "--num_clusters", "1,8"], "num_clusters"),
         ("finetune", ["--backbone", "no-such-model"], "no-such-model"),
@@ -165,7 +154,7 @@ def _process(args: list[str], cwd: Path, env: dict[str, str], ready_url: str) ->
         log.close()
 
 
-def test_vft_against_a_real_server_then_serve_its_model(corpus: Path, tmp_path: Path) -> None:
+def test_vft_against_a_real_server_then_serve_its_model(corpus: DemoCorpus, tmp_path: Path) -> None:
     port = _free_port()
     server = [
         "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -187,7 +176,7 @@ def test_vft_against_a_real_server_then_serve_its_model(corpus: Path, tmp_path: 
             "--env-manager", "local", "--host", "127.0.0.1", "-p", str(serve_port),
         ]  # fmt: skip
         with _process(serve, tmp_path, _env(uri), f"http://127.0.0.1:{serve_port}/ping"):
-            wav = str(sorted((corpus / "Audio_16k").glob("*.wav"))[0])
+            wav = str(sorted(corpus.audio_dir.glob("*.wav"))[0])
             body = json.dumps({"dataframe_split": {"columns": ["path"], "data": [[wav]]}})
             request = urllib.request.Request(
                 f"http://127.0.0.1:{serve_port}/invocations", data=body.encode(),

@@ -14,13 +14,12 @@ import pytest
 from ser import pipelines
 from ser.config import (
     ClusterConfig,
-    DemoCorpusConfig,
     FinetuneConfig,
     MethodConfig,
     Phase1Config,
     PtaptMethodConfig,
 )
-from ser.data.synthetic import generate_corpus
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.models import finetuned
 from ser.stages import finetune as finetune_stage
@@ -28,20 +27,8 @@ from ser.stages import finetune as finetune_stage
 FAST = {"max_epochs": 1, "batch_size": 4}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pipeline") / "corpus"
-    generate_corpus(
-        DemoCorpusConfig(
-            output_dir=str(root), num_speakers=3, utterances_per_class=2,
-            min_seconds=1.0, max_seconds=1.5,
-        )
-    )  # fmt: skip
-    return root
-
-
-def _data(corpus: Path, tmp_path: Path) -> dict[str, str]:
-    return {"datadir": str(corpus / "Audio_16k"), "labeldir": str(corpus / "labels")}
+def _data(corpus: DemoCorpus, tmp_path: Path) -> dict[str, str]:
+    return {"datadir": str(corpus.audio_dir), "labeldir": str(corpus.label_dir)}
 
 
 def _runs(stage: str) -> list[mlflow.entities.Run]:
@@ -52,7 +39,7 @@ def _runs(stage: str) -> list[mlflow.entities.Run]:
 
 
 def test_vft_logs_headline_metrics_and_reuses_identical_work(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     config = MethodConfig(**_data(corpus, tmp_path), output_root=str(tmp_path / "out"), **FAST)
     first = pipelines.run_method(config)
@@ -76,13 +63,13 @@ def test_vft_logs_headline_metrics_and_reuses_identical_work(
 
 
 def test_a_changed_label_file_is_recomputed(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     labels = tmp_path / "labels"
     labels.mkdir()
-    source = json.loads((corpus / "labels" / "fold_1.json").read_text())
+    source = json.loads((corpus.label_dir / "fold_1.json").read_text())
     (labels / "fold_1.json").write_text(json.dumps(source))
-    stage = FinetuneConfig(datadir=str(corpus / "Audio_16k"), labeldir=str(labels), **FAST)
+    stage = FinetuneConfig(datadir=str(corpus.audio_dir), labeldir=str(labels), **FAST)
     first = pipelines.execute_stage("finetune", stage, output_root=str(tmp_path / "o"))
     again = pipelines.execute_stage("finetune", stage, output_root=str(tmp_path / "o"))
     assert again.reused and again.run_id == first.run_id
@@ -95,7 +82,7 @@ def test_a_changed_label_file_is_recomputed(
 
 
 def test_a_failed_stage_is_not_reused_and_resumes_in_place(
-    tracking_uri: str, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stage = FinetuneConfig(**_data(corpus, tmp_path), **FAST)
     def dies(config: FinetuneConfig, context: object) -> None:
@@ -114,7 +101,7 @@ def test_a_failed_stage_is_not_reused_and_resumes_in_place(
 
 
 def test_stages_chain_across_separate_runs_by_uri(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     data = _data(corpus, tmp_path)
     phase1 = pipelines.execute_stage(
@@ -133,7 +120,7 @@ def test_stages_chain_across_separate_runs_by_uri(
 
 
 def test_bad_parameters_fail_before_any_run(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     data = _data(corpus, tmp_path)
     cases = [
@@ -153,7 +140,7 @@ def test_bad_parameters_fail_before_any_run(
 
 @pytest.mark.slow
 def test_ptapt_end_to_end_and_its_servable_model(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     config = PtaptMethodConfig(
         **_data(corpus, tmp_path), output_root=str(tmp_path / "out"), **FAST,
@@ -177,7 +164,7 @@ def test_ptapt_end_to_end_and_its_servable_model(
 
     model_uri = parent.data.tags["ser.model_uri"]
     served = mlflow.pyfunc.load_model(model_uri)
-    wavs = sorted((corpus / "Audio_16k").glob("*.wav"))[:3]
+    wavs = sorted(corpus.audio_dir.glob("*.wav"))[:3]
     table = served.predict(pd.DataFrame({"path": [str(w) for w in wavs]}))
     out_dir = Path(children["finetune"].data.tags["ser.output_dir"])
     model, classes = finetuned.load_finetuned(out_dir / "model")

@@ -19,8 +19,8 @@ import torch
 from optuna.trial import TrialState
 
 from ser import search as search_module
-from ser.config import DemoCorpusConfig, SearchConfig
-from ser.data.synthetic import generate_corpus
+from ser.config import SearchConfig
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.search import search
 
@@ -38,23 +38,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("search") / "corpus"
-    generate_corpus(
-        DemoCorpusConfig(
-            output_dir=str(root), num_speakers=3, utterances_per_class=2,
-            min_seconds=1.0, max_seconds=1.5,
-        )
-    )  # fmt: skip
-    return root
-
-
-def _config(corpus: Path, tmp_path: Path, **overrides: Any) -> Any:
+def _config(corpus: DemoCorpus, tmp_path: Path, **overrides: Any) -> Any:
     """One fold, one epoch, batches of 2 or 4: a trial takes a second or two."""
     values: dict[str, Any] = {
-        "method": "vft", "datadir": str(corpus / "Audio_16k"),
-        "labelpath": str(corpus / "labels" / "fold_1.json"), "output_root": str(tmp_path / "out"),
+        "method": "vft", "datadir": str(corpus.audio_dir),
+        "labelpath": str(corpus.label_dir / "fold_1.json"), "output_root": str(tmp_path / "out"),
         "max_epochs": 1, "batch_sizes": (2, 4), **LR,
     }  # fmt: skip
     return SearchConfig(**{**values, **overrides})
@@ -79,7 +67,7 @@ def _study(name: str, tmp_path: Path) -> optuna.Study:
 
 
 def test_a_three_trial_study_tracks_each_trial_under_the_search_run(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     result = search(_config(corpus, tmp_path, n_trials=3, study_name="three"))
     assert result.storage == f"sqlite:///{tmp_path / 'optuna.db'}"  # beside mlflow.db
@@ -136,7 +124,7 @@ def test_a_three_trial_study_tracks_each_trial_under_the_search_run(
 
 
 def test_a_resumed_study_continues_its_trial_count(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     first = search(_config(corpus, tmp_path, n_trials=2, study_name="resumed"))
     second = search(_config(corpus, tmp_path, n_trials=4, study_name="resumed"))
@@ -155,7 +143,7 @@ def test_a_resumed_study_continues_its_trial_count(
 
 
 def test_a_clearly_worse_trial_is_pruned_and_its_runs_killed(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     # Two earlier trials that scored above any possible UA at every step: whatever the next
     # trial learns, it is worse than their median at its first validation.
@@ -190,9 +178,9 @@ def test_a_clearly_worse_trial_is_pruned_and_its_runs_killed(
 
 
 def test_pruning_steps_count_across_folds_and_epochs(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
-    config = _config(corpus, tmp_path, n_trials=1, labelpath="", labeldir=str(corpus / "labels"),
+    config = _config(corpus, tmp_path, n_trials=1, labelpath="", labeldir=str(corpus.label_dir),
                      max_epochs=2, pruner="none")  # fmt: skip
     search(config)
     (trial,) = _study("ser-vft", tmp_path).trials
@@ -209,7 +197,7 @@ def test_pruning_steps_count_across_folds_and_epochs(
 
 
 def test_a_trial_of_a_dead_worker_is_failed_and_replaced(
-    tracking_uri: str, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(search_module, "GRACE_S", 1)
     storage = search_module.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -229,11 +217,11 @@ def test_a_trial_of_a_dead_worker_is_failed_and_replaced(
 
 
 def test_the_search_needs_a_validation_split(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     labels = tmp_path / "labels"
     labels.mkdir()
-    for source in sorted((corpus / "labels").glob("*.json")):
+    for source in sorted(corpus.label_dir.glob("*.json")):
         splits = json.loads(source.read_text())
         splits["Train"].update(splits.pop("Val"))
         (labels / source.name).write_text(json.dumps({**splits, "Val": {}}))
@@ -262,7 +250,7 @@ def test_the_search_needs_a_validation_split(
     ],
 )
 def test_bad_parameters_are_refused_before_any_run(
-    tracking_uri: str, corpus: Path, tmp_path: Path, overrides: dict[str, Any], message: str
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path, overrides: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(SerInputError, match=message.replace("(", r"\(").replace("?", r"\?")):
         search(_config(corpus, tmp_path, **overrides))
@@ -293,14 +281,14 @@ sys.exit(entry_main("search", sys.argv[2:]))
 
 @pytest.mark.slow
 def test_two_worker_processes_share_one_study(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     go = tmp_path / "go"
     argv = [
         "--method", "vft", "--n_trials", "4", "--study_name", "shared", "--storage", storage,
-        "--datadir", str(corpus / "Audio_16k"),
-        "--labelpath", str(corpus / "labels" / "fold_1.json"),
+        "--datadir", str(corpus.audio_dir),
+        "--labelpath", str(corpus.label_dir / "fold_1.json"),
         "--output_root", str(tmp_path / "out"), "--max_epochs", "1", "--batch_sizes", "2,4",
         "--lr_min", str(LR["lr_min"]), "--lr_max", str(LR["lr_max"]),
     ]  # fmt: skip
@@ -338,7 +326,7 @@ def test_two_worker_processes_share_one_study(
 
 @pytest.mark.slow
 def test_a_ptapt_search_reuses_pretraining_across_trials(
-    tracking_uri: str, corpus: Path, tmp_path: Path
+    tracking_uri: str, corpus: DemoCorpus, tmp_path: Path
 ) -> None:
     config = _config(
         corpus, tmp_path, method="ptapt", n_trials=2, batch_sizes=(4,), num_clusters_choices="2,3",

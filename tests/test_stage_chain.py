@@ -9,25 +9,17 @@ import pytest
 
 from ser.config import (
     ClusterConfig,
-    DemoCorpusConfig,
     FinetuneConfig,
     Phase1Config,
     Phase2Config,
 )
-from ser.data.synthetic import generate_corpus
+from ser.data.synthetic import DemoCorpus
 from ser.stages import cluster, finetune, ptapt_phase1, ptapt_phase2
 
 
 @pytest.mark.slow
-def test_each_stage_takes_the_previous_output_dir(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    generate_corpus(
-        DemoCorpusConfig(
-            output_dir=str(corpus), num_speakers=3, utterances_per_class=2,
-            min_seconds=1.0, max_seconds=2.0,
-        )
-    )  # fmt: skip
-    data = {"datadir": str(corpus / "Audio_16k"), "labeldir": str(corpus / "labels")}
+def test_each_stage_takes_the_previous_output_dir(corpus: DemoCorpus, tmp_path: Path) -> None:
+    data = {"datadir": str(corpus.audio_dir), "labeldir": str(corpus.label_dir)}
     out = {name: tmp_path / name for name in ("phase1", "cluster", "phase2", "finetune")}
     ptapt_phase1.run(
         Phase1Config(**data, output_dir=str(out["phase1"]), training_step=2, batch_size=4)
@@ -50,7 +42,7 @@ def test_each_stage_takes_the_previous_output_dir(tmp_path: Path) -> None:
             max_epochs=1, batch_size=8,
         )
     )  # fmt: skip
-    folds = sorted(p.stem for p in (corpus / "labels").glob("*.json"))
+    folds = sorted(p.stem for p in corpus.label_dir.glob("*.json"))
     for fold in folds:
         assert (out["phase2"] / fold / "backbone" / "config.json").is_file()
         result = json.loads((out["finetune"] / fold / "run_0" / "results.json").read_text())

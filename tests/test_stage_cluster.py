@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,11 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from ser.audio import read_audio, write_wav
-from ser.config import ClusterConfig, DemoCorpusConfig
+from ser.config import ClusterConfig
 from ser.data.datasets import FrameLabelDataset
 from ser.data.frames import label_frame_count
 from ser.data.labels import read_label_file, write_label_file
-from ser.data.synthetic import DemoCorpus, generate_corpus
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.models.emotion_w2v1 import (
     EmotionWav2Vec1,
@@ -54,22 +55,16 @@ class _Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> _Setup:
-    """The demo corpus, plus clips of chosen lengths in every fold's Train split, and a phase-1
-    model per fold (random tiny weights: clustering does not care how they were trained)."""
+def setup(corpus: DemoCorpus, tmp_path_factory: pytest.TempPathFactory) -> _Setup:
+    """The shared corpus (copied, as clips are added), plus clips of chosen lengths in every
+    fold's Train split, and a phase-1 model per fold (random tiny weights: clustering does not
+    care how they were trained)."""
     root = tmp_path_factory.mktemp("cluster")
-    corpus: DemoCorpus = generate_corpus(
-        DemoCorpusConfig(
-            output_dir=str(root / "corpus"),
-            num_speakers=3,
-            utterances_per_class=2,
-            min_seconds=1.0,
-            max_seconds=2.0,
-        )
-    )
+    audio_dir = root / "corpus" / corpus.audio_dir.name
+    shutil.copytree(corpus.audio_dir, audio_dir)
     rng = np.random.default_rng(0)
     for name, samples in EXTRA_LENGTHS.items():
-        write_wav(corpus.audio_dir / name, 0.1 * rng.standard_normal(samples).astype(np.float32))
+        write_wav(audio_dir / name, 0.1 * rng.standard_normal(samples).astype(np.float32))
     label_dir = root / "labels"
     folds = []
     for path in corpus.label_files[:2]:
@@ -81,7 +76,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> _Setup:
         torch.manual_seed(i)
         model = EmotionWav2Vec1(load_wav2vec1("tiny"), len(corpus.classes))
         save_emotion_w2v1(model, root / "phase1" / fold_name / "w2v1", corpus.classes)
-    return _Setup(corpus.audio_dir, label_dir, root / "phase1", folds)
+    return _Setup(audio_dir, label_dir, root / "phase1", folds)
 
 
 def _config(setup: _Setup, output_dir: Path, **overrides: Any) -> ClusterConfig:

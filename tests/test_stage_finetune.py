@@ -19,9 +19,9 @@ from transformers import Wav2Vec2Model
 
 from ser import training
 from ser.audio import read_audio
-from ser.config import EMOTIONS_4, DemoCorpusConfig, FinetuneConfig
+from ser.config import EMOTIONS_4, FinetuneConfig
 from ser.data.labels import read_label_file, write_label_file
-from ser.data.synthetic import DemoCorpus, generate_corpus
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.metrics import Scores
 from ser.models import finetuned
@@ -41,14 +41,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    return generate_corpus(DemoCorpusConfig(
-        output_dir=str(tmp_path_factory.mktemp("corpus")), num_speakers=3,
-        utterances_per_class=2, min_seconds=1.0, max_seconds=2.0,
-    ))
 
 
 def _config(corpus: DemoCorpus, out: Path, **overrides: Any) -> FinetuneConfig:

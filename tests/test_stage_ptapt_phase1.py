@@ -17,10 +17,10 @@ from stage_callbacks import KILL_MESSAGE, KillAt
 
 from ser.audio import write_wav
 from ser.checkpoints import safe_torch_load
-from ser.config import DemoCorpusConfig, Phase1Config
+from ser.config import Phase1Config
 from ser.data import datasets
 from ser.data.labels import read_label_file, write_label_file
-from ser.data.synthetic import DemoCorpus, generate_corpus
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.models.emotion_w2v1 import EmotionWav2Vec1, load_emotion_w2v1, save_emotion_w2v1
 from ser.models.wav2vec1 import Wav2Vec1Config, load_wav2vec1
@@ -32,20 +32,6 @@ from ser.stages.ptapt_phase1 import crop_to_shortest, min_samples, split_train
 def _with(callback: pl.Callback) -> StageContext:
     """A stage context that adds ``callback`` to every fold's Trainer."""
     return StageContext(callback_factory=lambda index, name: [callback])
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    out = tmp_path_factory.mktemp("corpus")
-    return generate_corpus(
-        DemoCorpusConfig(
-            output_dir=str(out),
-            num_speakers=3,
-            utterances_per_class=2,
-            min_seconds=1.0,
-            max_seconds=2.0,
-        )
-    )
 
 
 def _config(corpus: DemoCorpus, output_dir: Path, **overrides: Any) -> Phase1Config:

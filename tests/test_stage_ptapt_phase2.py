@@ -18,11 +18,11 @@ from transformers import Wav2Vec2Model
 from ser import artifacts, training
 from ser.audio import check_audio_files
 from ser.checkpoints import safe_torch_load
-from ser.config import DemoCorpusConfig, Phase2Config
+from ser.config import Phase2Config
 from ser.data.datasets import FrameLabelDataset
 from ser.data.frames import label_frame_count
 from ser.data.labels import read_label_file
-from ser.data.synthetic import DemoCorpus, generate_corpus
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.models.backbones import load_backbone, preset_config, save_backbone
 from ser.stages import ptapt_phase2 as phase2
@@ -31,14 +31,6 @@ from ser.training import last_checkpoint
 
 STEPS = 4
 KS = (4, 8)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    return generate_corpus(DemoCorpusConfig(
-        output_dir=str(tmp_path_factory.mktemp("corpus")), num_speakers=3,
-        utterances_per_class=2, min_seconds=1.0, max_seconds=2.0,
-    ))
 
 
 @pytest.fixture(scope="module")

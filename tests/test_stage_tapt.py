@@ -23,10 +23,10 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from ser import artifacts, training
 from ser.checkpoints import safe_torch_load
-from ser.config import DemoCorpusConfig, TaptConfig
+from ser.config import TaptConfig
 from ser.data.datasets import AudioOnlyDataset, collate_audio
 from ser.data.labels import read_label_file
-from ser.data.synthetic import DemoCorpus, generate_corpus
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.models.backbones import load_backbone, load_pretraining_model, preset_config, save_backbone
 from ser.stages import tapt
@@ -34,14 +34,6 @@ from ser.stages.contract import StageContext
 from ser.training import build_trainer, fit, last_checkpoint
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> DemoCorpus:
-    return generate_corpus(DemoCorpusConfig(
-        output_dir=str(tmp_path_factory.mktemp("corpus")), num_speakers=3,
-        utterances_per_class=2, min_seconds=1.0, max_seconds=2.0,
-    ))
 
 
 @pytest.fixture(scope="module")
