@@ -27,6 +27,7 @@ from ser.config import (
     TaptMethodConfig,
 )
 from ser.errors import SerInputError
+from ser.recipes import resolve as resolve_recipe
 
 ConfigT = TypeVar("ConfigT")
 
@@ -196,9 +197,10 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
 def entry_main(name: str, argv: Sequence[str] | None = None) -> int:
     """Parse the entry point's parameters and run it; input errors exit 2 with one line."""
     entry = ENTRY_POINTS[name]
-    config = parse_config(entry.config_cls, argv, entry.description)
+    parsed = parse_config(entry.config_cls, argv, entry.description)
 
     def job() -> object:
+        config = resolve_recipe(parsed)
         config.check()  # every value, before any import of the heavy machinery or any work
         return entry.job(config)
 

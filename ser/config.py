@@ -25,6 +25,11 @@ PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 METHODS = ("vft", "tapt", "ptapt")
 SAMPLERS = ("tpe", "random")
+BATCHINGS = ("random", "bucket")
+TIME_MASKINGS = ("batch", "utterance")
+DYNAMIC_BATCH_RULES = ("sum", "padded")
+DIVERSITY_WEIGHTINGS = ("original", "per_frame")
+RECIPES = ("demo", "paper")
 PRUNERS = ("median", "none")
 # Stands for an input that an earlier stage of a method makes at run time.
 PENDING = "runs:/<earlier stage>/"
@@ -88,7 +93,7 @@ class DataConfig:
     labelpath: str = param("", "one fold file; when given, used instead of labeldir")
     seed: int = param(0, "random seed (initialisation, masks, crops, batch order)")
     precision: str = param("32", "32, 16-mixed or bf16-mixed (GPU precisions: 32 on a CPU)")
-    num_workers: int = param(0, "data-loading worker processes")
+    num_workers: int = param(-1, "data-loading worker processes; -1: chosen from the cores")
     accelerator: str = param("auto", f"Lightning accelerator: {', '.join(ACCELERATORS)}")
     devices: str = param("auto", "devices per machine: auto, a count, -1 (all) or ids 0,1")
     downmix: bool = param(False, "average multi-channel audio instead of refusing it")
@@ -97,7 +102,7 @@ class DataConfig:
     def check(self) -> None:
         checks.integer(self, "seed", 0)
         checks.one_of(self, "precision", PRECISIONS)
-        checks.integer(self, "num_workers", 0)
+        checks.integer(self, "num_workers", -1)
         checks.one_of(self, "accelerator", ACCELERATORS)
         _check_devices(self)
         checks.positive(self, "maxseqlen")
@@ -180,6 +185,22 @@ class FinetuneConfig(TrainingConfig):
     num_exps: int = param(1, "repeats per fold, differing by seed")
     mask_time_prob: float = param(0.08, "share of frames masked in time (SpecAugment)")
     mask_feature_prob: float = param(0.05, "share of channels masked (SpecAugment)")
+    time_masking: str = param(
+        "batch", "batch: span count per batch from its padded length, as the original; "
+        "utterance: per utterance from its own length"
+    )
+    batching: str = param(
+        "random", "random: shuffled batches, as the original; bucket: grouped by length"
+    )
+    train_mask_embedding: bool = param(
+        False, "train the mask embedding too (the original never gave it to the optimizer)"
+    )
+    keep_run_models: bool = param(
+        False, "keep every run's fine-tuned weights, not only the exported model's"
+    )
+    gradient_checkpointing: bool = param(
+        False, "recompute activations in the backward pass: less memory, about 30 % slower"
+    )
 
     def check(self) -> None:
         super().check()
@@ -188,6 +209,8 @@ class FinetuneConfig(TrainingConfig):
             checks.integer(self, name, 1)
         checks.in_range(self, "mask_time_prob", 0, 1)
         checks.in_range(self, "mask_feature_prob", 0, 1)
+        checks.one_of(self, "time_masking", TIME_MASKINGS)
+        checks.one_of(self, "batching", BATCHINGS)
 
 
 @dataclass
@@ -203,11 +226,22 @@ class TaptConfig(TrainingConfig):
         1.0, "gradient norm clipping (departs from the original: keeps fp16 NaN-free)"
     )
     checkpoint_every: int = param(100, "steps between resume checkpoints")
+    gradient_checkpointing: bool = like(FinetuneConfig, "gradient_checkpointing")
+    diversity_weighting: str = param(
+        "original", "original: contrastive sum + 0.1 x diversity (transformers 4.10, the "
+        "paper's); per_frame: diversity x masked frames (fairseq, transformers 5)"
+    )
+    dynamic_batch_rule: str = param(
+        "sum", "sum: a batch closes once its lengths sum to the budget (the original); "
+        "padded: its padded size stays within it"
+    )
 
     def check(self) -> None:
         super().check()
         _check_steps(self)
         _check_warmup(self)
+        checks.one_of(self, "diversity_weighting", DIVERSITY_WEIGHTINGS)
+        checks.one_of(self, "dynamic_batch_rule", DYNAMIC_BATCH_RULES)
 
 
 @dataclass
@@ -276,12 +310,16 @@ class Phase2Config(TrainingConfig):
     warmup_step: int = param(20, "learning-rate warmup steps (the paper: 100)")
     mask_time_prob: float = param(0.06, "share of frames masked; the loss is on masked frames")
     checkpoint_every: int = param(100, "steps between resume checkpoints")
+    train_mask_embedding: bool = like(FinetuneConfig, "train_mask_embedding")
+    gradient_checkpointing: bool = like(FinetuneConfig, "gradient_checkpointing")
+    dynamic_batch_rule: str = like(TaptConfig, "dynamic_batch_rule")
 
     def check(self) -> None:
         super().check()
         _check_steps(self)
         _check_warmup(self)
         checks.in_range(self, "mask_time_prob", 0, 1, low_open=True)
+        checks.one_of(self, "dynamic_batch_rule", DYNAMIC_BATCH_RULES)
         checks.not_empty(self, "clusterpath", "the clustering stage's output or clusters.json")
 
 
@@ -306,32 +344,46 @@ class ForceOption:
 
 
 @dataclass
+class RecipeOption:
+    recipe: str = param(
+        "demo", "demo: the defaults, sized for the demo corpus; paper: every value of the "
+        "paper's recipe (ser.recipes) where you set none"
+    )
+
+    def check(self) -> None:
+        checks.one_of(self, "recipe", RECIPES)
+        parent = super()
+        if hasattr(parent, "check"):  # the config this option is added to
+            parent.check()
+
+
+@dataclass
 class RegisterOption:
     register_as: str = param("", "register the fine-tuned model under this name")
 
 
 @dataclass
-class FinetuneEntry(RegisterOption, ForceOption, FinetuneConfig):
+class FinetuneEntry(RecipeOption, RegisterOption, ForceOption, FinetuneConfig):
     """The ``finetune`` entry point."""
 
 
 @dataclass
-class TaptEntry(ForceOption, TaptConfig):
+class TaptEntry(RecipeOption, ForceOption, TaptConfig):
     """The ``tapt_pretrain`` entry point."""
 
 
 @dataclass
-class Phase1Entry(ForceOption, Phase1Config):
+class Phase1Entry(RecipeOption, ForceOption, Phase1Config):
     """The ``pretrain_w2v1`` entry point."""
 
 
 @dataclass
-class ClusterEntry(ForceOption, ClusterConfig):
+class ClusterEntry(RecipeOption, ForceOption, ClusterConfig):
     """The ``cluster`` entry point."""
 
 
 @dataclass
-class Phase2Entry(ForceOption, Phase2Config):
+class Phase2Entry(RecipeOption, ForceOption, Phase2Config):
     """The ``pretrain_w2v2`` entry point."""
 
 
@@ -373,7 +425,7 @@ def _prefixed(prefix: str, *names: str) -> dict[str, str]:
     return {name: f"{prefix}_{name}" for name in names}
 
 
-_STEP_KNOBS = ("lr", "batch_size", "training_step")
+_STEP_KNOBS = ("lr", "batch_size", "training_step", "checkpoint_every")
 _TAPT_RENAMES = _prefixed("tapt", *_STEP_KNOBS, "warmup_step")
 _PHASE1_RENAMES = _prefixed("phase1", *_STEP_KNOBS)
 _PHASE2_RENAMES = _prefixed("phase2", *_STEP_KNOBS, "warmup_step")
@@ -410,6 +462,11 @@ class MethodData(DataConfig):
     classes: str = like(FinetuneConfig, "classes")
     max_epochs: int = like(FinetuneConfig, "max_epochs")
     num_exps: int = like(FinetuneConfig, "num_exps")
+    time_masking: str = like(FinetuneConfig, "time_masking")
+    batching: str = like(FinetuneConfig, "batching")
+    train_mask_embedding: bool = like(FinetuneConfig, "train_mask_embedding")
+    gradient_checkpointing: bool = like(FinetuneConfig, "gradient_checkpointing")
+    keep_run_models: bool = like(FinetuneConfig, "keep_run_models")
 
 
 @dataclass
@@ -428,6 +485,15 @@ class TaptParams:
     tapt_batch_size: int = like(TaptConfig, "batch_size", "TAPT: ")
     tapt_training_step: int = like(TaptConfig, "training_step", "TAPT: ")
     tapt_warmup_step: int = like(TaptConfig, "warmup_step", "TAPT: ")
+    tapt_checkpoint_every: int = like(TaptConfig, "checkpoint_every", "TAPT: ")
+    diversity_weighting: str = like(TaptConfig, "diversity_weighting", "TAPT: ")
+
+
+@dataclass
+class DynamicBatchParams:
+    """How TAPT's and phase 2's dynamic batches are filled."""
+
+    dynamic_batch_rule: str = like(TaptConfig, "dynamic_batch_rule")
 
 
 @dataclass
@@ -438,6 +504,7 @@ class Phase1Params:
     phase1_lr: float = like(Phase1Config, "lr")
     phase1_batch_size: int = like(Phase1Config, "batch_size")
     phase1_training_step: int = like(Phase1Config, "training_step")
+    phase1_checkpoint_every: int = like(Phase1Config, "checkpoint_every", "phase 1: ")
 
 
 @dataclass
@@ -458,6 +525,7 @@ class Phase2Params:
     phase2_batch_size: int = like(Phase2Config, "batch_size")
     phase2_training_step: int = like(Phase2Config, "training_step")
     phase2_warmup_step: int = like(Phase2Config, "warmup_step")
+    phase2_checkpoint_every: int = like(Phase2Config, "checkpoint_every", "phase 2: ")
 
 
 class _Method:
@@ -469,29 +537,32 @@ class _Method:
         return METHOD_STAGES[self.METHOD]
 
     def check(self) -> None:
+        checks.one_of(self, "recipe", RECIPES)
         checks.not_empty(self, "output_root", "a folder for the stages' outputs")
         for stage in self.stage_params():
             stage.check(self)
 
 
 @dataclass
-class MethodConfig(_Method, RegisterOption, ForceOption, FinetuneTuned, MethodData):
+class MethodConfig(_Method, RecipeOption, RegisterOption, ForceOption, FinetuneTuned,
+                   MethodData):
     """V-FT: fine-tuning alone."""
 
     METHOD: ClassVar[str] = "vft"
 
 
 @dataclass
-class TaptMethodConfig(_Method, RegisterOption, ForceOption, TaptParams, FinetuneTuned,
-                       MethodData):
+class TaptMethodConfig(_Method, RecipeOption, RegisterOption, ForceOption, DynamicBatchParams,
+                       TaptParams, FinetuneTuned, MethodData):
     """TAPT: continued wav2vec 2.0 pretraining on each fold's Train audio, then fine-tuning."""
 
     METHOD: ClassVar[str] = "tapt"
 
 
 @dataclass
-class PtaptMethodConfig(_Method, RegisterOption, ForceOption, Phase2Params, ClusterSampleParams,
-                        ClusterCountParams, Phase1Params, FinetuneTuned, MethodData):
+class PtaptMethodConfig(_Method, RecipeOption, RegisterOption, ForceOption, DynamicBatchParams,
+                        Phase2Params, ClusterSampleParams, ClusterCountParams, Phase1Params,
+                        FinetuneTuned, MethodData):
     """P-TAPT: wav2vec 1.0 emotion model -> k-means pseudo-labels -> wav2vec 2.0 -> fine-tuning."""
 
     METHOD: ClassVar[str] = "ptapt"
@@ -562,14 +633,15 @@ class SearchSpaceConfig:
 
 
 @dataclass
-class SearchConfig(Phase2Params, ClusterSampleParams, Phase1Params, TaptParams, MethodData,
-                   SearchSpaceConfig):
+class SearchConfig(RecipeOption, DynamicBatchParams, Phase2Params, ClusterSampleParams,
+                   Phase1Params, TaptParams, MethodData, SearchSpaceConfig):
     """The search's parameters: its space and budget, then every method setting it does not
     tune (fixed for the whole study)."""
 
     TUNED: ClassVar[tuple[str, ...]] = ("lr", "batch_size", "num_clusters")
 
     def check(self) -> None:
+        checks.one_of(self, "recipe", RECIPES)
         checks.one_of(self, "method", METHODS)
         for name, low in (("n_trials", 1), ("pruner_startup_trials", 0),
                           ("pruner_warmup_steps", 0), ("sampler_seed", 0)):  # fmt: skip

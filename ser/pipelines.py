@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ser import serving, tracking, training
+from ser import recipes, serving, tracking, training
 from ser.stages import cluster, finetune, ptapt_phase1, ptapt_phase2, tapt
 from ser.stages.contract import CallbackFactory, Stage, StageContext
 
@@ -178,6 +178,7 @@ def run_method(
 
     ``finetune_callbacks``: extra Trainer callbacks for fine-tuning (a search's pruning); never
     part of a reuse key."""
+    config = recipes.resolve(config)
     config.check()  # every stage's values, before the first one starts
     method = config.METHOD
     # Under an active run (a search trial) the method run nests under it.

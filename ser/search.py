@@ -54,7 +54,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
-from ser import pipelines, tracking, training
+from ser import pipelines, recipes, tracking, training
 from ser.config import METHOD_STAGES, parse_cluster_sets
 from ser.data.labels import LabelFile
 from ser.errors import SerInputError
@@ -536,6 +536,7 @@ def _importances_defined(study: Study, space: SearchSpace) -> bool:
 
 def search(config: SearchConfig) -> SearchResult:
     """Run this worker's share of the study ``config`` names (see the module docstring)."""
+    config = recipes.resolve(config)
     space, folds = check_config(config)
     settings = study_settings(config, folds)
     name = config.study_name or f"ser-{config.method}"

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE_FILES = sorted((ROOT / "ser" / "stages").glob("*.py"))
 NOT_STAGES = {"__init__", "contract"}
 # Method parameters that concern the method run itself, not one of its stages.
-METHOD_ONLY = {"output_root", "force", "register_as"}
+METHOD_ONLY = {"output_root", "force", "register_as", "recipe"}
 
 
 def _imported_modules(path: Path) -> set[str]:
