@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -259,6 +260,31 @@ def _devices(devices: str) -> int | str:
 
 # --------------------------------------------------------------------------- data and callbacks
 
+MAX_AUTO_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and SLURM set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_options(config: Any) -> dict[str, Any]:
+    """``DataLoader`` arguments for ``config.num_workers`` (-1: chosen here).
+
+    Automatic: no worker process on a machine with two cores or fewer (a worker would take a
+    core from the training process itself), else half the cores, at most
+    :data:`MAX_AUTO_WORKERS`. Workers persist across epochs, so they start once per loader.
+    """
+    workers = config.num_workers
+    if workers < 0:
+        cores = usable_cores()
+        workers = 0 if cores <= 2 else min(MAX_AUTO_WORKERS, cores // 2)
+    return {"num_workers": workers, "persistent_workers": workers > 0}
+
+
 
 def dynamic_batch_loader(
     dataset: Dataset, lengths: Sequence[int], config: TrainingConfig | Any,
@@ -275,7 +301,7 @@ def dynamic_batch_loader(
         seed=config.seed,
     )
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(config)
     )
 
 

@@ -243,7 +243,7 @@ def _loaders(
                                  max_len=max_samples, seed=seed)
     return _Loaders(
         train=DataLoader(train, batch_sampler=sampler, collate_fn=collate_utterances,
-                         num_workers=config.num_workers),
+                         **training.loader_options(config)),
         val=eval_loader(config, fold.val, classes, eval_batch) if fold.val else None,
         test=eval_loader(config, fold.test, classes, eval_batch),
         train_dataset=train,
@@ -259,7 +259,7 @@ def eval_loader(
     # loaders and can only do that for torch's own.
     order = np.argsort(dataset.lengths, kind="stable").tolist()
     return DataLoader(dataset, batch_size=batch_size, sampler=order,
-                      collate_fn=collate_utterances, num_workers=config.num_workers)
+                      collate_fn=collate_utterances, **training.loader_options(config))
 
 
 # --------------------------------------------------------------------------- validation

@@ -392,10 +392,10 @@ def _loaders(
             train,
             batch_sampler=sampler,
             collate_fn=collate_utterances,
-            num_workers=config.num_workers,
+            **training.loader_options(config),
         ),
         DataLoader(
-            valid, batch_size=1, collate_fn=collate_utterances, num_workers=config.num_workers
+            valid, batch_size=1, collate_fn=collate_utterances, **training.loader_options(config)
         ),
     )
 
