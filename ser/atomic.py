@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,36 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def _sides(target: Path) -> tuple[Path, Path]:
+    return target.with_name(f".{target.name}.partial"), target.with_name(f".{target.name}.old")
+
+
+def replace_dir(target: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
+    """Write a folder beside ``target`` with ``write``, then swap it in.
+
+    A kill while writing leaves the old folder as it was; a kill between the two renames leaves
+    it as ``.<name>.old``, which :func:`restore_dir` puts back. So a reader finds the old
+    folder or the new one whole, never a mix.
+    """
+    target = Path(target)
+    partial, old = _sides(target)
+    for stale in (partial, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    write(partial)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_dir(target: str | os.PathLike[str]) -> None:
+    """Undo what a kill inside :func:`replace_dir` left: the old folder returns if the new one
+    never arrived; a half-written new one is removed."""
+    target = Path(target)
+    partial, old = _sides(target)
+    if old.exists() and not target.exists():
+        old.rename(target)
+    for stale in (partial, old):
+        shutil.rmtree(stale, ignore_errors=True)

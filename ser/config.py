@@ -140,7 +140,10 @@ class TrainingConfig(DataConfig):
     output_dir: str = param("", "where the stage writes; empty: outputs/<stage>")
     accumulate_grad_batches: int = param(1, "batches per optimizer step")
     gradient_clip_val: float = param(0.0, "gradient norm clipping; 0: none, as in the original")
-    save_top_k: int = param(1, "best checkpoints kept (-1: all)")
+    save_top_k: int = param(1, "best checkpoints kept while a run trains (-1: all)")
+    keep_checkpoints: bool = param(
+        False, "keep Lightning checkpoints after a fold or run finishes (default: removed)"
+    )
 
     def check(self) -> None:
         super().check()

@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ser import recipes, serving, tracking, training
+from ser import artifacts, recipes, serving, tracking, training
 from ser.stages import cluster, finetune, ptapt_phase1, ptapt_phase2, tapt
 from ser.stages.contract import CallbackFactory, Stage, StageContext
 
@@ -125,27 +125,37 @@ def _reuse(stage: Stage, run: Any) -> StageOutcome:
     return StageOutcome(stage.name, run_id, True, output_dir)
 
 
+# Never artifacts: resume points (scratch, removed once a run finishes) and fine-tuned weights,
+# which the logged pyfunc model already holds (the exported model) or which stay local on
+# request (every run's, ``keep_run_models``).
+NOT_LOGGED = frozenset({artifacts.CHECKPOINTS, artifacts.MODEL})
+
+
 def _log_outputs(stage: Stage, output_dir: Path) -> None:
     """Artifacts: each per-fold output as ``<output>/<fold>/`` (what the next stage takes as a
-    ``runs:/<id>/<output>`` URI), everything else of a fold under ``folds/<fold>/`` (checkpoints,
-    results), and the files and folders at the top of ``output_dir`` as they are."""
+    ``runs:/<id>/<output>`` URI), the small files of a fold under ``folds/<fold>/`` (results,
+    splits), and the files and folders at the top of ``output_dir`` as they are; never
+    checkpoints or fine-tuned weights (:data:`NOT_LOGGED`)."""
     for entry in sorted(output_dir.iterdir()):
         if entry.is_file():
             tracking.log_file(entry)
         elif entry.name in stage.top_level:
             tracking.log_folder(entry, entry.name)
-        elif entry.is_dir():
+        elif entry.is_dir() and entry.name not in NOT_LOGGED:
             _log_fold(stage, entry)
 
 
-def _log_fold(stage: Stage, fold_dir: Path) -> None:
+def _log_fold(stage: Stage, fold_dir: Path, prefix: str = "") -> None:
+    where = f"{prefix}{fold_dir.name}"
     for item in sorted(fold_dir.iterdir()):
+        if item.name in NOT_LOGGED:
+            continue
         if item.name in stage.outputs:
-            tracking.log_folder(item, f"{item.name}/{fold_dir.name}")
-        elif item.is_dir():
-            tracking.log_folder(item, f"folds/{fold_dir.name}/{item.name}")
+            tracking.log_folder(item, f"{item.name}/{where}")
+        elif item.is_dir():  # a fine-tuning run: <fold>/run_<r>/
+            _log_fold(stage, item, prefix=f"{where}/")
         else:
-            tracking.log_file(item, f"folds/{fold_dir.name}")
+            tracking.log_file(item, f"folds/{where}")
 
 
 def _finish_finetune(result: finetune.FinetuneResult, register_as: str) -> None:

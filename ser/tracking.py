@@ -39,9 +39,11 @@ TAG_MODEL = "ser.model_uri"  # on fine-tuning and method runs: the logged pyfunc
 TAG_FINETUNE_RUN = "ser.finetune_run"  # on a method run: its (possibly reused) fine-tuning run
 TAG_PARENT = "mlflow.parentRunId"
 TRIAL_STAGE = "trial"  # ser.stage of a search trial run
+TAG_RESOLVED_PREFIX = "ser.resolved."  # a value the run used where `mlflow run` logged another
 
 # Parameters that change where or how fast a stage runs, not what it computes.
-NOT_IN_KEY = frozenset({"output_dir", "num_workers", "accelerator", "devices", "force"})
+NOT_IN_KEY = frozenset({"output_dir", "num_workers", "accelerator", "devices", "force",
+                        "keep_checkpoints", "keep_run_models"})
 _URI_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "dbfs:/")
 _CHUNK = 1 << 20
 
@@ -185,13 +187,29 @@ def child_runs(run_id: str) -> list[Run]:
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    """Log params the active run does not have yet (`mlflow run` logs the entry point's own,
-    shell-quoted, and MLflow refuses to log a param twice with another value)."""
+    """Log params the active run does not have yet.
+
+    ``mlflow run`` logs the entry point's own command-line values first, and MLflow refuses to
+    log a param twice with another value. Where the run used another value (``recipe=paper``
+    filled it in), that value goes to a tag ``ser.resolved.<name>``, and a warning says so.
+    """
     run = mlflow.active_run()
-    have = set(mlflow.get_run(run.info.run_id).data.params) if run else set()
-    mlflow.log_params(
-        {k: _param_text(v)[:6000] for k, v in params.items() if k not in have}
-    )
+    have = mlflow.get_run(run.info.run_id).data.params if run else {}
+    texts = {k: _param_text(v)[:6000] for k, v in params.items()}
+    mlflow.log_params({k: v for k, v in texts.items() if k not in have})
+    resolved = {k: v for k, v in texts.items() if k in have and _unquoted(have[k]) != v}
+    if resolved:
+        mlflow.set_tags({f"{TAG_RESOLVED_PREFIX}{k}": v for k, v in resolved.items()})
+        log.warning(
+            "MLflow recorded the command line's values of %s; the run used %s (tags %s*)",
+            ", ".join(sorted(resolved)), ", ".join(f"{k}={v}" for k, v in sorted(resolved.items())),
+            TAG_RESOLVED_PREFIX,
+        )
+
+
+def _unquoted(text: str) -> str:
+    # `mlflow run` shell-quotes string parameters it logs.
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
 
 
 def mark_complete(run_id: str) -> None:

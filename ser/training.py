@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -213,7 +214,9 @@ def build_trainer(
         filename="{epoch}-{step}",
         monitor=monitor,
         mode=mode,
-        save_top_k=config.save_top_k if monitor else 1,
+        # Without a monitor only last.ckpt is kept: a "latest" file beside it would double the
+        # disk a 20,000-step run rewrites at every checkpoint.
+        save_top_k=config.save_top_k if monitor else 0,
         save_last=True,
         every_n_train_steps=every_n_train_steps,
     )
@@ -246,6 +249,15 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, output_dir: Path, **loa
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.fit(module, ckpt_path=resume, **loaders)
+
+
+def drop_checkpoints(directory: Path, config: TrainingConfig | Any) -> None:
+    """Remove ``directory/checkpoints`` once its fold or run has written its outputs: resume
+    points matter only while a run is unfinished (``keep_checkpoints`` keeps them)."""
+    target = directory / artifacts.CHECKPOINTS
+    if target.is_dir() and not config.keep_checkpoints:
+        shutil.rmtree(target)
+        log.debug("removed %s: the run is finished", target)
 
 
 def best_checkpoint(trainer: pl.Trainer) -> Path | None:
@@ -291,12 +303,14 @@ def dynamic_batch_loader(
     collate_fn: Callable[[Sequence[dict[str, Any]]], dict[str, Any]],
 ) -> DataLoader:
     """Length-bucketed dynamic batches of RECIPE's 250 s of audio per 64 utterances of
-    ``config.batch_size``, 50 buckets, lengths capped at ``maxseqlen``."""
+    ``config.batch_size``, 50 buckets, lengths capped at ``maxseqlen``, closed by
+    ``config.dynamic_batch_rule`` (``"sum"``: the original's; see ``ser.data.sampling``)."""
     sampler = BucketBatchSampler(
         lengths,
         max_batch_samples=int(SECONDS_PER_64 * SAMPLE_RATE * config.batch_size / 64),
         num_buckets=NUM_BUCKETS,
         max_len=int(config.maxseqlen * SAMPLE_RATE),
+        dynamic_batch_rule=config.dynamic_batch_rule,
         shuffle=True,
         seed=config.seed,
     )

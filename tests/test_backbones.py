@@ -1,4 +1,5 @@
-"""Every way to name a backbone, every bad one, and save/load round trips."""
+"""Every way to name a backbone, every bad one, save/load round trips, and activation
+checkpointing: off after every load, on where a stage asks for it."""
 
 from __future__ import annotations
 
@@ -7,14 +8,20 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from fairseq_w2v2_helpers import pretraining_heads, write_fairseq_checkpoint
-from transformers import Wav2Vec2ForPreTraining, Wav2Vec2Model
+from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
 
+from ser import training
+from ser.audio import check_audio_files
+from ser.config import FinetuneConfig, Phase2Config, TaptConfig
+from ser.data.frames import label_frame_count
+from ser.data.synthetic import DemoCorpus
 from ser.errors import SerInputError
 from ser.models.backbones import (
     MODEL_JSON,
@@ -23,9 +30,11 @@ from ser.models.backbones import (
     load_pretraining_model,
     preset_config,
     save_backbone,
+    set_gradient_checkpointing,
     write_model_json,
 )
 from ser.models.heads import UtteranceClassifier
+from ser.stages import finetune, ptapt_phase2, tapt
 
 
 def _outputs(model: Wav2Vec2Model, samples: int = 8000) -> torch.Tensor:
@@ -329,3 +338,134 @@ def test_saved_backbone_directory_is_readable_by_others(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert target.stat().st_mode & 0o777 == 0o755
+
+
+# --- activation checkpointing ----------------------------------------------------------------
+
+
+def _with_checkpointing_in_config(directory: Path) -> Path:
+    """``directory``'s config.json made to say ``"gradient_checkpointing": true``, as
+    facebook/wav2vec2-base's hub config does."""
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "gradient_checkpointing": True}))
+    return directory
+
+
+def _checkpointing_specs(tmp_path: Path) -> list[str]:
+    torch.manual_seed(0)
+    plain = _with_checkpointing_in_config(save_backbone(load_backbone("tiny"), tmp_path / "bb"))
+    whole = _with_checkpointing_in_config(
+        save_backbone(Wav2Vec2ForPreTraining(preset_config("tiny")), tmp_path / "pt"))
+    # A stage checkpoint whose model.json carries the key.
+    backbone = load_backbone("tiny")
+    ckpt = tmp_path / "stage" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}},
+               ckpt)
+    write_model_json(ckpt.parent, Wav2Vec2Config(**{**backbone.config.to_dict(),
+                                                    "gradient_checkpointing": True}))
+    return [str(plain), str(whole), str(ckpt)]
+
+
+def _checkpointed(model: torch.nn.Module) -> bool:
+    """Whether any layer of ``model`` recomputes its activations in the backward pass (the
+    per-module flag transformers 5 sets; its ``is_gradient_checkpointing`` is deprecated)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_checkpointing_asked_for_by_a_config_is_off_after_every_load(tmp_path: Path) -> None:
+    specs = _checkpointing_specs(tmp_path)
+    # transformers 5 on its own would turn it on (so this test can fail).
+    assert _checkpointed(Wav2Vec2Model.from_pretrained(specs[0]))
+    assert _checkpointed(Wav2Vec2ForPreTraining.from_pretrained(specs[1]))
+    for spec in specs:
+        for model in (load_backbone(spec), load_pretraining_model(spec)):
+            assert not _checkpointed(model), spec
+            saved = save_backbone(model, tmp_path / "saved")
+            assert "gradient_checkpointing" not in json.loads((saved / "config.json").read_text())
+
+
+def _step(classifier: UtteranceClassifier, seed: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Gradients of one fine-tuning forward+backward, and how many times the encoder layers'
+    attention ran (twice a layer when checkpointing recomputes it in the backward pass)."""
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    hooks = [layer.attention.register_forward_hook(count)
+             for layer in classifier.backbone.encoder.layers]
+    classifier.train().zero_grad()
+    torch.manual_seed(seed)
+    wav = torch.randn(2, 16000, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(wav, dtype=torch.long)
+    mask[1, 9000:] = 0
+    classifier(wav * mask, mask).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in classifier.named_parameters() if p.grad is not None}
+    return grads, calls[0]
+
+
+def test_checkpointing_turned_on_recomputes_layers_and_trains_alike(tmp_path: Path) -> None:
+    spec = _checkpointing_specs(tmp_path)[0]
+    classifier = UtteranceClassifier(load_backbone(spec), num_classes=4)
+    layers = len(classifier.backbone.encoder.layers)
+    plain, plain_calls = _step(classifier, seed=3)
+    set_gradient_checkpointing(classifier.backbone, True)
+    assert _checkpointed(classifier.backbone)
+    assert all(layer.gradient_checkpointing for layer in classifier.backbone.encoder.layers)
+    checkpointed, calls = _step(classifier, seed=3)
+    assert (plain_calls, calls) == (layers, 2 * layers)
+    # Every trainable encoder weight gets the same gradient as without checkpointing.
+    encoder = {n for n, p in classifier.named_parameters() if p.requires_grad}
+    assert encoder <= set(checkpointed) and set(checkpointed) == set(plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+    set_gradient_checkpointing(classifier.backbone, False)
+    assert not _checkpointed(classifier.backbone)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stage_config(stage: str, corpus: DemoCorpus, out: Path) -> tuple[Any, Any]:
+    """(stage module, config with gradient_checkpointing on) for a one-step run."""
+    common = {"datadir": str(corpus.audio_dir), "output_dir": str(out),
+              "gradient_checkpointing": True}
+    if stage == "finetune":
+        return finetune, FinetuneConfig(labeldir=str(corpus.label_dir), batch_size=4,
+                                        max_epochs=1, **common)
+    steps = {"labelpath": str(corpus.label_files[0]), "training_step": 1, "warmup_step": 1,
+             "batch_size": 1, **common}
+    if stage == "tapt":
+        return tapt, TaptConfig(**steps)
+    samples = check_audio_files(sorted(corpus.audio_dir.glob("*.wav")))
+    # One head of k=2: labels alternate over each file's frames.
+    labels = {Path(path).name: [[i % 2 for i in range(label_frame_count(n))]]
+              for path, n in samples.items()}
+    clusters = out.parent / "clusters.json"
+    clusters.write_text(json.dumps(labels))
+    return ptapt_phase2, Phase2Config(clusterpath=str(clusters), **steps)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "tapt", "ptapt_phase2"])
+def test_the_stage_option_turns_checkpointing_on_for_training(
+    stage: str, corpus: DemoCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module_of_stage, config = _stage_config(stage, corpus, tmp_path / "out")
+    seen: dict[str, Any] = {}
+    real_fit = training.fit
+
+    def fit(trainer: pl.Trainer, module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        backbones = [m for m in module.modules() if isinstance(m, Wav2Vec2Model)]
+        seen["on"] = [_checkpointed(m) for m in backbones]
+        real_fit(trainer, module, *args, **kwargs)  # trains with it: forward and backward
+        seen["steps"] = trainer.global_step
+        raise _Stop  # one fold is enough
+
+    monkeypatch.setattr(training, "fit", fit)
+    with pytest.raises(_Stop):
+        module_of_stage.run(config)
+    assert seen["on"] == [True] and seen["steps"] >= 1

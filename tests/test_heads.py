@@ -4,6 +4,7 @@ SpecAugment only in training and on valid frames, and phase 2's loss on masked f
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from transformers import Wav2Vec2Model
 
 from ser.errors import SerInputError
+from ser.models import heads
 from ser.models.backbones import preset_config
 from ser.models.heads import FrameClusterHeads, LinearHead, UtteranceClassifier, masked_mean
 
@@ -56,13 +58,17 @@ def test_masked_mean_of_an_empty_row_is_zero_not_nan() -> None:
     assert torch.equal(pooled[1], torch.zeros(3))
 
 
-def test_classifier_trains_encoder_and_head_only() -> None:
-    model = UtteranceClassifier(_backbone(), num_classes=4).train()
+@pytest.mark.parametrize("train_embedding", [False, True])
+def test_classifier_trains_encoder_and_head_only(train_embedding: bool) -> None:
+    model = UtteranceClassifier(_backbone(), num_classes=4,
+                                train_mask_embedding=train_embedding).train()
     wav, mask = _batch([16000, 12000])
     model(wav, mask).sum().backward()
     frozen = {n for n, _ in model.named_parameters()
               if n.startswith(("backbone.feature_extractor.", "backbone.feature_projection."))}
     assert frozen
+    if not train_embedding:  # the original never trained it (masked under no_grad)
+        frozen.add("backbone.masked_spec_embed")
     trainable = {id(p) for p in model.trainable_parameters()}
     for name, param in model.named_parameters():
         if name in frozen:
@@ -70,8 +76,44 @@ def test_classifier_trains_encoder_and_head_only() -> None:
         else:
             # Every other parameter is used (RECIPE defect 1: an unused BiLSTM was optimised).
             assert param.grad is not None and id(param) in trainable, name
-    assert "backbone.masked_spec_embed" in {n for n, p in model.named_parameters()
-                                            if id(p) in trainable}
+    embed = model.backbone.masked_spec_embed
+    assert (id(embed) in trainable) == embed.requires_grad == train_embedding
+
+
+def test_classifier_draws_time_masks_in_the_chosen_style(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    for name in ("batch_time_mask", "time_mask"):
+        real = getattr(heads, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> torch.Tensor:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(heads, name, spy)
+    wav, mask = _batch([16000, 8000])
+    UtteranceClassifier(_backbone(), num_classes=2).train()(wav, mask)
+    assert calls == ["batch_time_mask"]  # the original's style is the default
+    UtteranceClassifier(_backbone(), num_classes=2, time_masking="utterance").train()(wav, mask)
+    assert calls == ["batch_time_mask", "time_mask"]
+    with pytest.raises(SerInputError, match="time_masking must be one of"):
+        UtteranceClassifier(_backbone(), num_classes=2, time_masking="frame")
+
+
+def test_classifier_time_masks_stay_on_valid_frames() -> None:
+    model = UtteranceClassifier(_backbone(), num_classes=2, time_mask_prob=0.5)
+    frames = torch.arange(200)[None] < torch.tensor([[200], [30], [5]])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        drawn = model.draw_time_mask(frames)
+        assert drawn.shape == (3, 200) and not (drawn & ~frames).any()
+        assert drawn[0].any()
+
+
+def test_classifier_masks_at_least_one_channel_span_per_utterance() -> None:
+    model = UtteranceClassifier(_backbone(), num_classes=2)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert model.draw_feature_mask(64, 768).any(dim=1).all()
 
 
 def test_padding_does_not_change_logits_in_eval_mode() -> None:
@@ -216,12 +258,15 @@ def test_masks_fall_on_valid_frames_and_labels_are_fitted_to_frames() -> None:
     assert torch.isfinite(long["loss"])
 
 
-def test_phase2_trains_encoder_and_heads_only() -> None:
-    model = _cluster_model().train()
+@pytest.mark.parametrize("train_embedding", [False, True])
+def test_phase2_trains_encoder_and_heads_only(train_embedding: bool) -> None:
+    model = FrameClusterHeads(_backbone(), [4, 9], train_mask_embedding=train_embedding).train()
     wav, mask = _batch([16000, 12000])
     model(wav, mask, _labels(2, [4, 9], 49))["loss"].backward()
     for name, param in model.named_parameters():
         frozen = name.startswith(("backbone.feature_extractor.", "backbone.feature_projection."))
+        if name == "backbone.masked_spec_embed":
+            frozen = not train_embedding  # as the original, which never trained it
         assert (param.grad is None) == frozen, name
     assert len(model.trainable_parameters()) == sum(
         1 for n, p in model.named_parameters() if p.grad is not None

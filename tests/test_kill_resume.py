@@ -33,7 +33,7 @@ def test_sigkill_then_rerun_finishes_with_the_planned_steps(
         "--datadir", str(corpus.audio_dir),
         "--labelpath", str(corpus.label_dir / "fold_1.json"),
         "--output_dir", str(out), "--training_step", str(STEPS), "--warmup_step", "2",
-        "--checkpoint_every", "5", "--batch_size", "4",
+        "--checkpoint_every", "5", "--batch_size", "4", "--keep_checkpoints", "true",
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     last = out / "fold_1" / "checkpoints" / "last.ckpt"

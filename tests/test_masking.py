@@ -1,4 +1,5 @@
-"""SpecAugment masks: spans inside valid frames only, and no crash on short utterances."""
+"""SpecAugment masks: spans inside valid frames only, no crash on short utterances, and the
+original's batch-level time masks (one span count per batch from the padded length)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from ser.errors import SerInputError
-from ser.models.masking import feature_mask, time_mask
+from ser.models.masking import batch_time_mask, feature_mask, time_mask
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -126,3 +127,69 @@ def test_lengths_beyond_max_len_are_refused() -> None:
         time_mask(torch.tensor([60]), 50, 0.1, 10)
     with pytest.raises(SerInputError, match="1-D"):
         time_mask(torch.tensor([[60]]), 50, 0.1, 10)
+
+
+# --- batch_time_mask: the original's (transformers 4.10) batch-level draw -------------------
+
+
+def test_batch_masks_use_one_span_count_per_batch_from_the_padded_length() -> None:
+    # span 1 (no overlap, distinct starts): a full-length row has exactly `count` masked frames.
+    # prob * 100 / 1 = 5.7: count 5 or 6 (6 with probability 0.7), the same for every row.
+    counts = []
+    for seed in range(200):
+        mask = batch_time_mask(torch.full((8,), 100), 100, 0.057, 1, 0, generator=_gen(seed))
+        per_row = mask.sum(1).tolist()
+        assert len(set(per_row)) == 1
+        counts.append(per_row[0])
+    assert set(counts) == {5, 6} and 0.6 < counts.count(6) / len(counts) < 0.8
+    # The per-utterance draw counts each row on its own: rows differ within a batch.
+    rows = time_mask(torch.full((8,), 100), 100, 0.057, 1, 0, generator=_gen())
+    assert len(set(rows.sum(1).tolist())) > 1
+
+
+def test_batch_masks_fall_on_valid_frames_only_and_thin_out_with_padding() -> None:
+    lengths = torch.tensor([500, 100, 20])
+    alone, padded, short_hits = [], [], 0
+    for seed in range(300):
+        mask = batch_time_mask(lengths, 500, 0.08, 15, 2, generator=_gen(seed))
+        for row, length in zip(mask, lengths.tolist(), strict=True):
+            assert not row[length:].any()
+        padded.append(int(mask[1].sum()))
+        short_hits += int(mask[2].any())
+        alone.append(int(batch_time_mask(lengths[1:2], 100, 0.08, 15, 2,
+                                         generator=_gen(seed)).sum()))
+    # Spans start anywhere in the padded row: a 100-frame utterance in a 500-frame batch keeps
+    # about a fifth of the masking it gets alone, and a 20-frame one is sometimes masked.
+    assert sum(padded) < 0.5 * sum(alone)
+    assert 0 < short_hits < 300
+
+
+def test_batch_masks_respect_min_masks_and_the_padded_cap() -> None:
+    for seed in range(20):
+        # min_masks 2 with a tiny probability: 2 distinct starts of span 15 on every row.
+        mask = batch_time_mask(torch.tensor([300, 300]), 300, 1e-6, 15, 2, generator=_gen(seed))
+        assert all(16 <= int(row.sum()) <= 30 for row in mask)
+        # min_masks 5 capped at 40 // 15 = 2 spans, as transformers 4.10 caps them.
+        capped = batch_time_mask(torch.tensor([40]), 40, 0.08, 15, 5, generator=_gen(seed))
+        assert 16 <= int(capped.sum()) <= 30
+
+
+def test_batch_shorter_than_a_span_falls_back_to_half_spans() -> None:
+    # transformers raises here (RECIPE defect 5); each row gets one span of half its frames.
+    lengths = torch.tensor([10, 8, 1])
+    for seed in range(20):
+        mask = batch_time_mask(lengths, 10, 0.08, 15, 2, generator=_gen(seed))
+        assert [_runs(row) for row in mask] == [[5], [4], []]
+
+
+def test_batch_masks_edge_cases() -> None:
+    assert not batch_time_mask(torch.tensor([100, 50]), 100, 0.0, 15, 2).any()
+    assert batch_time_mask(torch.zeros(0, dtype=torch.long), 30, 0.1, 5).shape == (0, 30)
+    lengths = torch.tensor([300, 150], dtype=torch.int32)
+    first = batch_time_mask(lengths, 300, 0.08, 15, generator=_gen(7))
+    assert torch.equal(first, batch_time_mask(lengths, 300, 0.08, 15, generator=_gen(7)))
+    assert not torch.equal(first, batch_time_mask(lengths, 300, 0.08, 15, generator=_gen(8)))
+    with pytest.raises(SerInputError, match="exceeds max_len"):
+        batch_time_mask(torch.tensor([60]), 50, 0.1, 10)
+    with pytest.raises(SerInputError, match="span"):
+        batch_time_mask(torch.tensor([60]), 60, 0.1, 0)

@@ -211,3 +211,65 @@ def test_length_errors() -> None:
         BucketBatchSampler([], batch_size=2)
     with pytest.raises(SerInputError, match="lengths must be >= 0"):
         BucketBatchSampler([5, -1], batch_size=2)
+
+
+# --- the original's dynamic batches (dynamic_batch_rule="sum") ---------------------------------
+
+
+def _original_cut(order: list[int], lengths: np.ndarray, budget: int) -> list[list[int]]:
+    """FT-w2v2-ser's SingleRandomBucketSampler, rewritten: a batch ends at the first item whose
+    running sum of lengths reaches the budget, that item included; the remainder is kept."""
+    batches, start = [], 0
+    while start < len(order):
+        running = np.cumsum(lengths[order[start:]])
+        reached = np.flatnonzero(running >= budget)
+        end = start + (int(reached[0]) + 1 if len(reached) else len(running))
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+@pytest.fixture(scope="module")
+def iemocap_like() -> np.ndarray:
+    """A fold's Train lengths like IEMOCAP's: lognormal, median 3.5 s, 0.6-34 s."""
+    rng = np.random.default_rng(4)
+    seconds = np.clip(rng.lognormal(mean=np.log(3.5), sigma=0.7, size=4400), 0.6, 34.0)
+    return (seconds * SR).astype(np.int64)
+
+
+def test_sum_rule_cuts_as_the_original(iemocap_like: np.ndarray) -> None:
+    budget, cap = 250 * SR, 10 * SR
+    capped = np.minimum(iemocap_like, cap)
+    fixed = BucketBatchSampler(iemocap_like, max_batch_samples=budget, max_len=cap,
+                               dynamic_batch_rule="sum", shuffle=False)
+    order = np.argsort(capped, kind="stable").tolist()
+    assert fixed.global_batches() == _original_cut(order, capped, budget)
+    # Shuffled: the same rule on every batch; only the last one cut may fall short.
+    shuffled = BucketBatchSampler(iemocap_like, max_batch_samples=budget, max_len=cap,
+                                  dynamic_batch_rule="sum", seed=3)
+    totals = [(capped[b].sum(), capped[b[:-1]].sum()) for b in shuffled.global_batches()]
+    assert all(before < budget for _, before in totals)
+    assert sum(total < budget for total, _ in totals) <= 1
+    assert sorted(flat(shuffled.global_batches())) == list(range(len(iemocap_like)))
+
+
+def test_sum_rule_carries_more_audio_than_padded(iemocap_like: np.ndarray) -> None:
+    budget, cap = 250 * SR, 10 * SR
+    capped = np.minimum(iemocap_like, cap)
+    audio = {}
+    for rule in ("sum", "padded"):
+        sampler = BucketBatchSampler(iemocap_like, max_batch_samples=budget, max_len=cap,
+                                     dynamic_batch_rule=rule, seed=1)
+        batches = sampler.global_batches()
+        audio[rule] = capped.sum() / len(batches) / SR  # seconds of audio per batch
+        if rule == "padded":
+            assert all(len(b) * capped[b].max() <= budget for b in batches)
+    ratio = audio["sum"] / audio["padded"]
+    print(f"audio per batch: sum {audio['sum']:.1f} s, padded {audio['padded']:.1f} s, "
+          f"ratio {ratio:.3f}")
+    assert audio["sum"] >= 250 and 1.02 < ratio < 1.15
+
+
+def test_unknown_dynamic_batch_rule_is_refused() -> None:
+    with pytest.raises(SerInputError, match="dynamic_batch_rule must be one of"):
+        BucketBatchSampler([100, 200], max_batch_samples=300, dynamic_batch_rule="max")

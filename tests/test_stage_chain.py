@@ -43,6 +43,8 @@ def test_each_stage_takes_the_previous_output_dir(corpus: DemoCorpus, tmp_path: 
         )
     )  # fmt: skip
     folds = sorted(p.stem for p in corpus.label_dir.glob("*.json"))
+    # Finished folds and runs keep their outputs, not their resume points.
+    assert not [p for p in tmp_path.rglob("*.ckpt")]
     for fold in folds:
         assert (out["phase2"] / fold / "backbone" / "config.json").is_file()
         result = json.loads((out["finetune"] / fold / "run_0" / "results.json").read_text())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ def _config(corpus: DemoCorpus, out: Path, **overrides: Any) -> FinetuneConfig:
     values: dict[str, Any] = {
         "datadir": str(corpus.audio_dir), "labeldir": str(corpus.label_dir),
         "output_dir": str(out), "batch_size": 4, "max_epochs": 2, "lr": 1e-3,
+        "keep_checkpoints": True,  # these tests read the checkpoints a run tested
     }
     return FinetuneConfig(**{**values, **overrides})
 
@@ -219,7 +221,8 @@ def test_empty_val_tests_the_last_checkpoint(corpus: DemoCorpus, tmp_path: Path)
     assert (run["tested"], run["valid_UA"], run["num_val"]) == ("last", None, 0)
     last = result.output_dir / run["checkpoint"]
     assert last.name == "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == run["global_step"] == 4
+    # 7 Train files in random batches of 4, the partial one dropped: 1 step an epoch, 2 epochs
+    assert torch.load(last, weights_only=True)["global_step"] == run["global_step"] == 2
     test_items = read_label_file(labels).test
     assert _predicted_classes(last, config, test_items) == run["predictions"]
     summary = json.loads(result.summary_path.read_text())
@@ -244,7 +247,7 @@ def test_val_split_tests_the_best_checkpoint(
     last = training.last_checkpoint(best.parent.parent)
     assert last is not None and last != best
     # it trained on (and last.ckpt, the resume point, followed), yet tested the earlier weights
-    assert run["global_step"] == torch.load(last, weights_only=True)["global_step"] == 4
+    assert run["global_step"] == torch.load(last, weights_only=True)["global_step"] == 2
     assert _predicted_classes(best, config, read_label_file(labels).test) == run["predictions"]
 
 
@@ -440,3 +443,24 @@ def _forbid_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(training, "build_trainer", refuse)
     monkeypatch.setattr(finetune, "FinetuneModule", refuse)
+
+
+def test_a_finished_run_keeps_weights_only_for_the_exported_model(
+    corpus: DemoCorpus, tmp_path: Path
+) -> None:
+    config = _config(corpus, tmp_path / "out", keep_checkpoints=False, max_epochs=1, num_exps=2)
+    result = finetune.run(config)
+    out = result.output_dir
+    assert not list(out.rglob("*.ckpt")), "resume checkpoints outlived their finished runs"
+    models = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("model.json")
+                    if (p.parent / "head.pt").is_file())  # fmt: skip
+    assert models == ["model"]  # the exported one only: no run's weights kept beside it
+    exported = json.loads((out / "model" / "model.json").read_text())["source"]
+    best = result.summary["exported_model"]
+    assert (exported["fold"], exported["repeat"]) == (best["fold"], best["repeat"])
+
+    kept = finetune.run(dataclasses.replace(config, output_dir=str(tmp_path / "kept"),
+                                            keep_run_models=True, num_exps=1))  # fmt: skip
+    runs = sorted(p.parent.parent.relative_to(kept.output_dir).as_posix()
+                  for p in kept.output_dir.rglob("run_*/model/model.json"))  # fmt: skip
+    assert runs == [f"{fold}/run_0" for fold in kept.summary["folds"]]

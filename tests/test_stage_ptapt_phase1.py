@@ -43,6 +43,7 @@ def _config(corpus: DemoCorpus, output_dir: Path, **overrides: Any) -> Phase1Con
         "checkpoint_every": 2,
         "batch_size": 2,
         "lr": 1e-2,  # large enough that the validation loss moves within 6 steps
+        "keep_checkpoints": True,  # these tests read the resume points
         **overrides,
     }
     return Phase1Config(**values)

@@ -1,5 +1,6 @@
 """TAPT stage: Train audio only, the attention mask and padding-free negatives, short clips,
-the non-finite-step guard, outputs that load with no missing or unexpected weights, resuming."""
+the non-finite-step guard, outputs that load with no missing or unexpected weights, resuming,
+the loss's diversity weighting."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _config(corpus: DemoCorpus, out: Path, backbone: Path | str = "tiny", **over
         "datadir": str(corpus.audio_dir), "labelpath": str(corpus.label_files[0]),
         "output_dir": str(out), "backbone": str(backbone), "training_step": STEPS,
         "warmup_step": 1, "checkpoint_every": 2, "batch_size": 1,  # about 4 s of audio a batch
+        "keep_checkpoints": True,  # these tests read the resume points
     }
     return TaptConfig(**{**values, **overrides})
 
@@ -333,3 +335,56 @@ def test_a_killed_run_resumes_and_runs_only_the_remaining_steps(
     result = tapt.run(config)
     assert again.steps == 0 and result.final_loss == {}
     assert result.backbones == {fold_dir.name: fold_dir / artifacts.BACKBONE}
+
+
+# --- the loss's weighting ---------------------------------------------------------------------
+
+
+def _loss_and_output(module: tapt.TaptModule, monkeypatch: pytest.MonkeyPatch
+                     ) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor]:
+    """One batch's losses, the model output they came from and the masked-frame count."""
+    seen: dict[str, Any] = {}
+    forward = module.model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen["out"], seen["masks"] = forward(*args, **kwargs), kwargs["mask_time_indices"]
+        return seen["out"]
+
+    monkeypatch.setattr(module.model, "forward", spy)
+    torch.manual_seed(1)
+    losses = module.train().compute_losses(_padded([16000, 12000, 7000]))
+    return losses, seen["out"], seen["masks"].sum()
+
+
+@pytest.mark.parametrize("weight", [0.1, 0.3])
+@pytest.mark.parametrize("weighting", ["original", "per_frame"])
+def test_diversity_weight_relative_to_contrastive_is_the_chosen_transformers(
+    monkeypatch: pytest.MonkeyPatch, weighting: str, weight: float
+) -> None:
+    torch.manual_seed(0)
+    model = Wav2Vec2ForPreTraining(preset_config("tiny", diversity_loss_weight=weight))
+    module = tapt.TaptModule(model, lr=1e-3, warmup_step=0, training_step=10,
+                             diversity_weighting=weighting)
+    losses, out, masked = _loss_and_output(module, monkeypatch)
+    assert masked > 10
+    codevectors = 2 * 16  # the tiny preset's G * V
+    diversity = (codevectors - out.codevector_perplexity) / codevectors  # not x masked frames
+    if weighting == "original":  # transformers 4.10: contrastive_sum + w * diversity
+        expected, relative = out.contrastive_loss + weight * diversity, weight
+    else:  # transformers 5 (and fairseq): the diversity term counted once per masked frame
+        expected, relative = out.contrastive_loss + weight * diversity * masked, weight * masked
+    torch.testing.assert_close(losses["loss"], expected / masked)
+    # The weight itself: d(loss)/d(diversity) over d(loss)/d(contrastive sum).
+    d_contrastive, d_perplexity = torch.autograd.grad(
+        losses["loss"], [out.contrastive_loss, out.codevector_perplexity])
+    d_diversity = -codevectors * d_perplexity
+    torch.testing.assert_close(d_diversity / d_contrastive, torch.as_tensor(relative).float())
+    # Logged as before: contrastive per masked frame, the diversity unscaled.
+    torch.testing.assert_close(losses["contrastive_loss"], out.contrastive_loss.detach() / masked)
+    torch.testing.assert_close(losses["diversity_loss"], diversity.detach())
+
+
+def test_an_unknown_diversity_weighting_is_refused() -> None:
+    with pytest.raises(ValueError, match="diversity_weighting"):
+        tapt.TaptModule(Wav2Vec2ForPreTraining(preset_config("tiny")), lr=1e-3, warmup_step=0,
+                        training_step=10, diversity_weighting="fairseq")

@@ -96,3 +96,15 @@ def test_runs_nested_under_an_mlflow_run_entry_point_are_children(
     assert child.info.run_id != parent.info.run_id
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert mlflow.get_run(parent.info.run_id).data.tags["ser.stage"] == "ptapt"
+
+
+def test_a_value_the_run_used_beside_the_one_mlflow_run_logged_goes_to_a_tag(
+    tracking_uri: str,
+) -> None:
+    with mlflow.start_run() as run:
+        mlflow.log_params({"lr": "0.001", "datadir": "'data/x'"})  # as `mlflow run` logs them
+        tracking.log_params({"lr": 1e-4, "datadir": "data/x", "num_exps": 5})
+    logged = mlflow.get_run(run.info.run_id).data
+    assert logged.params == {"lr": "0.001", "datadir": "'data/x'", "num_exps": "5"}
+    resolved = {k: v for k, v in logged.tags.items() if k.startswith("ser.resolved.")}
+    assert resolved == {"ser.resolved.lr": "0.0001"}  # the quoted datadir is the same value

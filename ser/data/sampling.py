@@ -1,11 +1,22 @@
 """Length-bucketed batches, of a fixed count or of a total of audio samples (dynamic batches).
 
 Speech clips vary in length, and a batch is padded to its longest clip. Grouping clips of similar
-length wastes less compute on padding; capping a batch's padded size instead of its count keeps
+length wastes less compute on padding; capping a batch's audio instead of its count keeps
 memory flat while short clips go in larger batches. The recipe (RECIPE.md, "Bucket sampler"):
 sort by length (capped at ``max_len``), cut into ``num_buckets`` equal buckets, each epoch shuffle
 inside every bucket, concatenate, cut greedily into batches, drop or keep the remainder, shuffle
 the batches. Distributed training shares one global batch list between ranks.
+
+Dynamic batches close by one of two rules (``ser.config.DYNAMIC_BATCH_RULES``):
+
+- ``"sum"``, the original's (FT-w2v2-ser ``SingleRandomBucketSampler``): an item joins the batch,
+  and the batch closes as soon as its items' lengths SUM to the budget or more. The item that
+  crosses the budget stays in the batch, so a batch holds at least the budget of audio (up to one
+  item more) and its padded size may exceed it.
+- ``"padded"``: an item starts a new batch when adding it would make the PADDED batch
+  (``count * longest``) exceed the budget, so the padded tensor never exceeds it (an item longer
+  than the budget makes a batch of its own). Padding counts against the budget, so batches
+  carry a little less audio than the original's.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from ser.config import DYNAMIC_BATCH_RULES
 from ser.errors import SerInputError
 
 
@@ -58,8 +70,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices grouped by length; a ``batch_sampler`` for ``DataLoader``.
 
     Give exactly one of ``batch_size`` (items per batch) or ``max_batch_samples`` (dynamic
-    batches: at most this many samples in the padded batch, ``len(batch) * longest item``; an
-    item longer than the budget makes a batch of its own). ``max_len`` caps every length, as the
+    batches of about this many samples, closed by ``dynamic_batch_rule``: ``"padded"``, at most
+    this many samples in the padded batch; ``"sum"``, the original's, until the items' lengths
+    sum to at least this many; see the module docstring). ``max_len`` caps every length, as the
     dataset's crop does. With ``shuffle=False`` the order is fixed: sorted by length, no shuffling
     (for evaluation). Each epoch (``set_epoch``) draws a new order from ``(seed, epoch)``.
 
@@ -82,6 +95,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         max_batch_samples: int | None = None,
         num_buckets: int = 50,
         max_len: int | None = None,
+        dynamic_batch_rule: str = "padded",
         shuffle: bool = True,
         drop_last: bool = False,
         seed: int = 0,
@@ -92,6 +106,11 @@ class BucketBatchSampler(Sampler[list[int]]):
         _validate(lengths, batch_size, max_batch_samples, num_buckets, max_len, num_replicas, rank)
         if seed < 0:
             raise SerInputError(f"BucketBatchSampler: seed must be >= 0, got {seed}")
+        if dynamic_batch_rule not in DYNAMIC_BATCH_RULES:
+            raise SerInputError(
+                f"BucketBatchSampler: dynamic_batch_rule must be one of {DYNAMIC_BATCH_RULES}, "
+                f"got {dynamic_batch_rule!r}"
+            )
         capped = np.asarray(lengths, dtype=np.int64)
         if max_len is not None:
             capped = np.minimum(capped, max_len)
@@ -100,6 +119,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.max_batch_samples = max_batch_samples
         self.num_buckets = num_buckets
         self.max_len = max_len
+        self.dynamic_batch_rule = dynamic_batch_rule
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
@@ -173,7 +193,25 @@ class BucketBatchSampler(Sampler[list[int]]):
             if self.drop_last and len(batches[-1]) < self.batch_size:
                 batches.pop()
             return batches
+        if self.dynamic_batch_rule == "sum":
+            return self._cut_by_sum(order)
         return self._cut_by_samples(order)
+
+    def _cut_by_sum(self, order: list[int]) -> list[list[int]]:
+        """The original's rule: append, then close once the lengths sum to the budget."""
+        budget = self.max_batch_samples
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        total = 0
+        for index in order:
+            batch.append(index)
+            total += int(self.lengths[index])
+            if total >= budget:
+                batches.append(batch)
+                batch, total = [], 0
+        if batch and not self.drop_last:
+            batches.append(batch)
+        return batches
 
     def _cut_by_samples(self, order: list[int]) -> list[list[int]]:
         budget = self.max_batch_samples

@@ -15,6 +15,12 @@ Accepted ``spec`` forms (see :data:`SPEC_FORMS`):
 
 A preset name wins over a same-named path: write ``./tiny`` for a directory called ``tiny``.
 
+Every load comes out with activation checkpointing OFF, whatever the config says:
+facebook/wav2vec2-base's hub config carries ``"gradient_checkpointing": true``, which transformers 5
+silently turns into checkpointing in every layer when the model is built (20-35 % slower
+training; the original, on transformers 4.10, trained without it). Stages turn it on explicitly
+with :func:`set_gradient_checkpointing`.
+
 Stage checkpoint convention (stages follow it so that their output is a backbone spec):
 
 - the LightningModule holds its ``Wav2Vec2Model`` at attribute ``backbone`` (state-dict prefix
@@ -40,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
+from transformers import PreTrainedModel, Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
 from ser.atomic import atomic_write_json, current_umask
 from ser.checkpoints import safe_torch_load
@@ -145,6 +151,7 @@ def load_backbone(spec: str) -> Wav2Vec2Model:
         model = w2v2_from_fairseq_checkpoint(value, spec)
     else:
         model = _from_lightning(value, Path(spec), pretraining=False)
+    set_gradient_checkpointing(model, False)
     log.info("backbone: %s", describe_backbone(spec, model))
     return model.train()
 
@@ -163,8 +170,34 @@ def load_pretraining_model(spec: str) -> Wav2Vec2ForPreTraining:
         model = w2v2_pretraining_from_fairseq_checkpoint(value, spec)
     else:
         model = _from_lightning(value, Path(spec), pretraining=True)
+    set_gradient_checkpointing(model, False)
     log.info("pretraining model: %s", describe_backbone(spec, model))
     return model.train()
+
+
+def set_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
+    """Turn activation checkpointing of every layer of ``model`` on or off.
+
+    On, each layer's activations are recomputed in the backward pass: less memory, slower. It
+    applies in training mode with gradients enabled only (a frozen feature encoder run under
+    ``no_grad`` is not checkpointed). Non-reentrant (``use_reentrant=False``), the variant
+    PyTorch recommends: the reentrant one gives a layer no gradients when none of its tensor
+    inputs requires grad.
+    """
+    kwargs = {"use_reentrant": False}
+    # Later transformers 5 releases rename these activation_checkpointing_*; the old names warn.
+    if enabled and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    # A config that still carries the key would turn checkpointing on again in the next loader
+    # (it is consumed when a model is built, but a config may be shared or rebuilt from a dict).
+    if hasattr(model.config, "gradient_checkpointing"):
+        delattr(model.config, "gradient_checkpointing")
 
 
 def describe_backbone(spec: str, model: torch.nn.Module | None = None) -> str:

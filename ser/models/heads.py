@@ -1,4 +1,12 @@
-"""Heads on top of wav2vec models: the utterance classifier and phase 2's frame-cluster heads."""
+"""Heads on top of wav2vec models: the utterance classifier and phase 2's frame-cluster heads.
+
+As in the original, neither gives the backbone's mask embedding (``masked_spec_embed``) to the
+optimizer by default: FT-w2v2-ser replaced masked frames under ``torch.no_grad()``, so that
+embedding never trained. ``train_mask_embedding=True`` trains it too. Fine-tuning's classifier
+draws time masks per batch from the padded length, as the original (``time_masking="batch"``,
+:func:`ser.models.masking.batch_time_mask`), or per utterance (``"utterance"``), and always masks
+at least one channel span (``feature_min_masks=1``, the original's ``min_masks=1``).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Wav2Vec2Model
 
+from ser.config import TIME_MASKINGS
 from ser.errors import SerInputError
-from ser.models.masking import feature_mask, time_mask
+from ser.models.masking import batch_time_mask, feature_mask, time_mask
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # frames without a cluster label (padding, cut-off ends)
+ORIGINAL_FEATURE_SPAN = 64  # channels per feature-mask span in the original (of 768)
 
 
 class LinearHead(nn.Sequential):
@@ -69,6 +79,32 @@ def ensure_mask_embedding(backbone: Wav2Vec2Model) -> nn.Parameter:
     return backbone.masked_spec_embed
 
 
+def feature_span(channels: int) -> int:
+    """The channel-mask span for a backbone of ``channels``: the original's 64 (of
+    wav2vec2-base's 768), or the same share of a narrower model's (test presets), so that one
+    span never blanks every channel."""
+    return min(ORIGINAL_FEATURE_SPAN, max(channels * ORIGINAL_FEATURE_SPAN // 768, 1))
+
+
+def optimised_parameters(
+    model: nn.Module, backbone: Wav2Vec2Model, train_mask_embedding: bool
+) -> list[nn.Parameter]:
+    """``model``'s parameters that require grad, the mask embedding left out unless
+    ``train_mask_embedding`` (it may be created after the constructor froze it, see
+    :func:`ensure_mask_embedding`, so it is excluded by identity too)."""
+    embed = getattr(backbone, "masked_spec_embed", None)
+    return [p for p in model.parameters()
+            if p.requires_grad and (train_mask_embedding or p is not embed)]
+
+
+def set_mask_embedding_trainable(backbone: Wav2Vec2Model, trainable: bool) -> None:
+    """Freeze or unfreeze the mask embedding (when the backbone has one): frozen, it gets no
+    gradient at all, as under the original's ``no_grad`` masking."""
+    embed = getattr(backbone, "masked_spec_embed", None)
+    if embed is not None:
+        embed.requires_grad_(trainable)
+
+
 def apply_time_mask(
     backbone: Wav2Vec2Model, hidden: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -81,9 +117,14 @@ class UtteranceClassifier(nn.Module):
     """Fine-tuning model: backbone -> ReLU -> mean over valid frames -> ReLU -> Linear.
 
     The conv feature encoder and feature projection are frozen and run without autograd; only
-    the transformer encoder, the mask embedding and the output layer train (see
+    the transformer encoder and the output layer train, plus the mask embedding with
+    ``train_mask_embedding=True`` (the original never trained it; see
     :meth:`trainable_parameters`). In training mode SpecAugment is applied as RECIPE describes:
-    time masks on valid frames with the mask embedding, channel masks set to 0.
+    time masks on valid frames with the mask embedding (``time_masking``: ``"batch"``, the
+    original's span count per batch from the padded length, or ``"utterance"``, per utterance
+    from its own length; see ``ser.models.masking``), channel masks set to 0 (at least
+    ``feature_min_masks`` spans per utterance; the original: 1) of ``feature_mask_span``
+    channels (default: :func:`feature_span`, 64 on wav2vec2-base).
 
     Padding does not change an utterance's logits in eval mode when the backbone's feature
     encoder uses layer norm; with wav2vec2-base's group norm ("group") it does slightly,
@@ -98,23 +139,46 @@ class UtteranceClassifier(nn.Module):
         time_mask_span: int = 15,
         time_min_masks: int = 2,
         feature_mask_prob: float = 0.05,
-        feature_mask_span: int = 64,
-        feature_min_masks: int = 0,
+        feature_mask_span: int | None = None,
+        feature_min_masks: int = 1,
+        time_masking: str = "batch",
+        train_mask_embedding: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise SerInputError(f"UtteranceClassifier needs at least 2 classes, got {num_classes}")
+        if time_masking not in TIME_MASKINGS:
+            raise SerInputError(
+                f"time_masking must be one of {TIME_MASKINGS}, got {time_masking!r}"
+            )
         self.backbone = backbone
         freeze_feature_encoder(backbone)
         if time_mask_prob > 0:
             ensure_mask_embedding(backbone)
+        set_mask_embedding_trainable(backbone, train_mask_embedding)
         self.output = nn.Linear(backbone.config.hidden_size, num_classes)
         self.time_mask = (time_mask_prob, time_mask_span, time_min_masks)
-        self.feature_mask = (feature_mask_prob, feature_mask_span, feature_min_masks)
+        span = (feature_mask_span if feature_mask_span is not None
+                else feature_span(backbone.config.hidden_size))
+        self.feature_mask = (feature_mask_prob, span, feature_min_masks)
+        self.time_masking = time_masking
+        self.train_mask_embedding = train_mask_embedding
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters to give the optimizer (the frozen feature encoder left out)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """The parameters to give the optimizer: the frozen feature encoder left out, and the
+        mask embedding too unless ``train_mask_embedding``."""
+        return optimised_parameters(self, self.backbone, self.train_mask_embedding)
+
+    def draw_time_mask(self, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Training time masks ``[B, T]`` in the ``time_masking`` style, on the valid frames of
+        ``frame_mask [B, T]`` only."""
+        draw = batch_time_mask if self.time_masking == "batch" else time_mask
+        mask = draw(frame_mask.sum(1), frame_mask.shape[1], *self.time_mask)
+        return mask.to(frame_mask.device) & frame_mask
+
+    def draw_feature_mask(self, batch: int, channels: int) -> torch.Tensor:
+        """Training channel masks ``[batch, channels]``, one row per utterance."""
+        return feature_mask(batch, channels, *self.feature_mask)
 
     def forward(
         self,
@@ -125,11 +189,11 @@ class UtteranceClassifier(nn.Module):
         """Logits ``[B, num_classes]``. ``mask_time_indices`` overrides the drawn time masks."""
         hidden, frame_mask = frozen_features(self.backbone, input_values, attention_mask)
         if mask_time_indices is None and self.training and self.time_mask[0] > 0:
-            mask_time_indices = time_mask(frame_mask.sum(1), hidden.shape[1], *self.time_mask)
+            mask_time_indices = self.draw_time_mask(frame_mask)
         if mask_time_indices is not None:
             hidden = apply_time_mask(self.backbone, hidden, mask_time_indices & frame_mask)
         if self.training and self.feature_mask[0] > 0:
-            channels = feature_mask(hidden.shape[0], hidden.shape[2], *self.feature_mask)
+            channels = self.draw_feature_mask(hidden.shape[0], hidden.shape[2])
             hidden = hidden.masked_fill(channels.to(hidden.device).unsqueeze(1), 0.0)
         encoded = self.backbone.encoder(hidden, attention_mask=frame_mask).last_hidden_state
         pooled = masked_mean(torch.relu(encoded), frame_mask)
@@ -140,7 +204,8 @@ class FrameClusterHeads(nn.Module):
     """P-TAPT phase 2: predict each masked frame's k-means cluster, one head per cluster count.
 
     Time masks (p=0.06, span 15, at least 2, valid frames, mask embedding) are drawn in eval
-    mode too, because the loss is defined on masked frames only; no channel masking.
+    mode too, because the loss is defined on masked frames only; no channel masking. The mask
+    embedding trains only with ``train_mask_embedding=True`` (the original never trained it).
     """
 
     def __init__(
@@ -151,6 +216,7 @@ class FrameClusterHeads(nn.Module):
         time_mask_prob: float = 0.06,
         time_mask_span: int = 15,
         time_min_masks: int = 2,
+        train_mask_embedding: bool = False,
     ) -> None:
         super().__init__()
         if not cluster_counts or min(cluster_counts) < 2:
@@ -160,14 +226,17 @@ class FrameClusterHeads(nn.Module):
         self.backbone = backbone
         freeze_feature_encoder(backbone)
         ensure_mask_embedding(backbone)
+        set_mask_embedding_trainable(backbone, train_mask_embedding)
+        self.train_mask_embedding = train_mask_embedding
         self.cluster_counts = list(cluster_counts)
         hidden = backbone.config.hidden_size
         self.heads = nn.ModuleList(LinearHead(hidden, head_dim, k) for k in cluster_counts)
         self.time_mask = (time_mask_prob, time_mask_span, time_min_masks)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters to give the optimizer (the frozen feature encoder left out)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """The parameters to give the optimizer: the frozen feature encoder left out, and the
+        mask embedding too unless ``train_mask_embedding``."""
+        return optimised_parameters(self, self.backbone, self.train_mask_embedding)
 
     def forward(
         self,

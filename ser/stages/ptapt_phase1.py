@@ -302,6 +302,7 @@ def _run_fold(
     if (model_dir / artifacts.CONFIG_JSON).is_file():
         summary = read_emotion_w2v1_config(model_dir)["training"]
         log.info("%s: phase-1 model already in %s; skipping the fold", plan.fold.name, model_dir)
+        training.drop_checkpoints(fold_dir, config)  # left by a kill after the model
         return model_dir, summary
     atomic_write_json(
         fold_dir / SPLIT_FILE, {"train": sorted(plan.train), "valid": sorted(plan.valid)}
@@ -350,6 +351,7 @@ def _run_fold(
         "valid_files": len(plan.valid),
     }
     save_emotion_w2v1(model, model_dir, classes, training=summary)
+    training.drop_checkpoints(fold_dir, config)
     log.info(
         "%s: phase-1 model from step %d (valid_loss %.4f) written to %s",
         plan.fold.name,

@@ -24,6 +24,11 @@ Departures from the original
 - Training crops start on a 20 ms frame boundary so that labels and audio frames line up
   exactly (``ser.data.datasets.FrameLabelDataset``).
 - Dynamic batches keep the last, partly filled batch of each epoch (the original dropped it).
+
+Option whose default is the original's behaviour: ``train_mask_embedding=False`` (default), the
+mask embedding that replaces masked frames is not given to Adam, as the original (which masked
+under ``no_grad`` and optimised the transformer encoder only) never trained it; ``True`` trains
+it with the encoder and heads.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from ser.config import SAMPLE_RATE, Phase2Config
 from ser.data.datasets import FrameLabelDataset, collate_frame_labels
 from ser.data.labels import LabelFile
 from ser.errors import SerInputError
-from ser.models.backbones import load_backbone, save_backbone
+from ser.models.backbones import load_backbone, save_backbone, set_gradient_checkpointing
 from ser.models.heads import FrameClusterHeads
 from ser.schedule import warmup_flat_decay
 from ser.stages.contract import NO_CONTEXT, Stage, StageContext
@@ -274,6 +279,7 @@ def _run_fold(
     if (target / "config.json").is_file():
         log.info("phase 2 fold %s: already done, its backbone is in %s; skipping",
                  fold.name, target)
+        training.drop_checkpoints(fold_dir, config)  # left by a kill after the backbone
         return target, None
     labels_path, num_clusters = cluster_input
     clusters = read_cluster_labels(labels_path, fold.train, num_clusters)
@@ -293,7 +299,9 @@ def _run_fold(
         time_mask_prob=config.mask_time_prob,
         time_mask_span=MASK_SPAN,
         time_min_masks=MIN_MASKS,
+        train_mask_embedding=config.train_mask_embedding,
     )
+    set_gradient_checkpointing(heads.backbone, config.gradient_checkpointing)
     module = Phase2Module(
         heads, lr=config.lr, warmup_step=config.warmup_step, training_step=config.training_step
     )
@@ -309,6 +317,7 @@ def _run_fold(
     )
     training.fit(trainer, module, fold_dir, train_dataloaders=loader)
     save_backbone(heads.backbone, target)
+    training.drop_checkpoints(fold_dir, config)
     loss = trainer.callback_metrics.get("loss")
     final = float(loss) if loss is not None else float("nan")
     log.info(

@@ -22,9 +22,18 @@ Departures from the original
 - Negatives come from every valid frame of the utterance, as transformers' pretraining example
   draws them; transformers 4.10, which the original used, drew them inside the model from every
   frame of the padded batch row.
-- The loss is divided by the number of masked frames (transformers returns a sum), as fairseq and
-  transformers' example normalise it; the logged losses are per masked frame. With Adam this
-  changes little, but it makes gradient clipping independent of the batch's size.
+- The loss weighs its two terms as transformers 4.10 (the original's) did, with
+  ``diversity_weighting="original"`` (the default): ``contrastive_sum + w * diversity``, ``w`` the
+  model config's ``diversity_loss_weight`` (0.1) and ``diversity = (G*V - perplexity) / (G*V)``
+  once per batch. transformers 5 (as fairseq's criterion) multiplies the diversity term by the
+  batch's number of masked frames, which makes it that many times heavier relative to the
+  contrastive term than in the paper's runs (on the order of a thousand with 250 s batches);
+  ``"per_frame"`` trains with that weighting. Either way the whole loss is then divided by the
+  number of masked frames (not in the original), so that gradient clipping (below) sees a size
+  that does not grow with the batch. That leaves the two terms' relative weight as chosen; Adam
+  is nearly insensitive to the overall scale, and batches, of similar audio size, weigh about
+  alike either way. The logged ``contrastive_loss`` is per masked frame, ``diversity_loss`` the
+  unscaled diversity.
 - Gradient clipping at norm 1.0 (``gradient_clip_val``), and an optimizer step whose loss or
   gradients are not finite is skipped with a warning instead of poisoning the weights (defect 4:
   the original reportedly diverged to NaN under fp16). Under ``16-mixed`` the gradient scaler
@@ -54,11 +63,15 @@ from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
 
 from ser import artifacts, training
-from ser.config import SAMPLE_RATE, TaptConfig
+from ser.config import DIVERSITY_WEIGHTINGS, SAMPLE_RATE, TaptConfig
 from ser.data.datasets import AudioOnlyDataset, collate_audio
 from ser.data.frames import conv_output_length
 from ser.data.labels import LabelFile
-from ser.models.backbones import load_pretraining_model, save_backbone
+from ser.models.backbones import (
+    load_pretraining_model,
+    save_backbone,
+    set_gradient_checkpointing,
+)
 from ser.models.heads import ensure_mask_embedding
 from ser.models.masking import time_mask
 from ser.schedule import warmup_flat_decay
@@ -127,9 +140,13 @@ class TaptModule(pl.LightningModule):
     convention of ``ser.models.backbones``), every parameter trainable."""
 
     def __init__(
-        self, model: Wav2Vec2ForPreTraining, *, lr: float, warmup_step: int, training_step: int
+        self, model: Wav2Vec2ForPreTraining, *, lr: float, warmup_step: int, training_step: int,
+        diversity_weighting: str = "original",
     ) -> None:
         super().__init__()
+        if diversity_weighting not in DIVERSITY_WEIGHTINGS:
+            raise ValueError(f"diversity_weighting must be one of {DIVERSITY_WEIGHTINGS}, "
+                             f"got {diversity_weighting!r}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         model.requires_grad_(True)
@@ -141,8 +158,8 @@ class TaptModule(pl.LightningModule):
         self.skipped_steps = 0
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """transformers' losses, divided by the number of masked frames (see the module
-        docstring), and the codevector perplexity."""
+        """The loss weighted by ``diversity_weighting`` and divided by the number of masked
+        frames (see the module docstring), its two terms, and the codevector perplexity."""
         inputs, attention = batch["input_values"], batch["attention_mask"]
         masks, negatives = pretraining_inputs(self.model, inputs, attention)
         out = self.model(
@@ -153,12 +170,21 @@ class TaptModule(pl.LightningModule):
         )
         masked = masks.sum().clamp(min=1)
         return {
-            "loss": out.loss / masked,
+            "loss": self._weighted_loss(out) / masked,
             "contrastive_loss": out.contrastive_loss.detach() / masked,
             "diversity_loss": out.diversity_loss.detach() / masked,
             "codevector_perplexity": out.codevector_perplexity.detach(),
             "masked_frames": masked.detach().float(),
         }
+
+    def _weighted_loss(self, out: Any) -> torch.Tensor:
+        if self.hparams.diversity_weighting == "per_frame":
+            return out.loss  # transformers 5: contrastive sum + w * diversity * masked frames
+        # transformers 4.10: the diversity term once per batch, not once per masked frame.
+        config = self.model.config
+        codevectors = config.num_codevectors_per_group * config.num_codevector_groups
+        diversity = (codevectors - out.codevector_perplexity) / codevectors
+        return out.contrastive_loss + config.diversity_loss_weight * diversity
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.model.set_gumbel_temperature(gumbel_temperature(self.global_step))
@@ -225,6 +251,7 @@ def _run_fold(
     logger, callbacks = hooks
     if (target / "config.json").is_file():
         log.info("TAPT fold %s: already done, its backbone is in %s; skipping", fold.name, target)
+        training.drop_checkpoints(fold_dir, config)  # left by a kill after the backbone
         return target, None
     training.seed_everything(config.seed)
     # Train audio only: the fold's Val and Test files must stay unseen until evaluation.
@@ -242,7 +269,9 @@ def _run_fold(
         lr=config.lr,
         warmup_step=config.warmup_step,
         training_step=config.training_step,
+        diversity_weighting=config.diversity_weighting,
     )
+    set_gradient_checkpointing(module.model, config.gradient_checkpointing)
     trainer = training.build_trainer(
         config,
         fold_dir,
@@ -255,6 +284,7 @@ def _run_fold(
     )
     training.fit(trainer, module, fold_dir, train_dataloaders=loader)
     save_backbone(module.model, target)
+    training.drop_checkpoints(fold_dir, config)
     loss = trainer.callback_metrics.get("loss")
     final = float(loss) if loss is not None else float("nan")
     log.info(
