@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ser.config import (
@@ -202,9 +204,36 @@ def entry_main(name: str, argv: Sequence[str] | None = None) -> int:
     def job() -> object:
         config = resolve_recipe(parsed)
         config.check()  # every value, before any import of the heavy machinery or any work
+        _join_or_launch(config, name, argv)
         return entry.job(config)
 
     return run_cli(job, name)
+
+
+def _join_or_launch(config: Any, name: str, argv: Sequence[str] | None) -> None:
+    """Hand over to torchrun when ``devices`` asks for several processes and no launcher
+    started this one; else join the launcher's process group (a no-op for one process)."""
+    from ser import distributed
+
+    accelerator = getattr(config, "accelerator", "cpu")
+    if hasattr(config, "devices") and distributed.cluster_environment() is None:
+        processes = distributed.requested_processes(accelerator, config.devices)
+        if processes > 1:
+            args = list(sys.argv[1:] if argv is None else argv)
+            command = distributed.relaunch_command(processes, [_script(name), *args])
+            logging.getLogger(__name__).info(
+                "%s: devices=%s: starting %d processes with torchrun", name, config.devices,
+                processes,
+            )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(command[0], command)
+    distributed.start(accelerator)
+
+
+def _script(name: str) -> str:
+    """This entry point's script, which every rank runs."""
+    return str(Path(__file__).resolve().parents[1] / "entrypoints" / f"{name}.py")
 
 
 def demo_corpus_main(argv: Sequence[str] | None = None) -> int:

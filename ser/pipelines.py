@@ -18,13 +18,14 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ser import artifacts, recipes, serving, tracking, training
+from ser import artifacts, distributed, recipes, serving, tracking, training
 from ser.stages import cluster, finetune, ptapt_phase1, ptapt_phase2, tapt
 from ser.stages.contract import CallbackFactory, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
 HEADLINE = ("UA", "WA", "F1")
+INPUT_CACHE = ".inputs"  # under output_root: downloaded input URIs, by run id and path
 
 STAGES: dict[str, Stage] = {
     spec.name: spec
@@ -43,6 +44,15 @@ class StageOutcome:
         return f"runs:/{self.run_id}/{output}"
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What global rank 0 decided for a stage, and every rank follows."""
+
+    local: Any  # the config with local input paths and the output folder
+    key: str
+    data_print: str
+
+
 def execute_stage(
     name: str,
     config: Any,
@@ -56,52 +66,77 @@ def execute_stage(
 ) -> StageOutcome:
     """Run one stage as an MLflow run, or reuse a finished identical one.
 
-    The config is checked before anything else. ``context`` (callbacks, e.g. a search's
-    pruning) is not part of the reuse key; an exception it raises leaves the run incomplete,
-    so never reused."""
+    The config is checked before anything else. Under data parallelism every rank calls this;
+    global rank 0 alone talks to MLflow (look-up, run, params, artifacts, model, completion) and
+    the other ranks follow its decisions. ``context`` (callbacks, e.g. a search's pruning) is
+    not part of the reuse key; an exception it raises leaves the run incomplete, so never
+    reused."""
     stage = STAGES[name]
     stage.check(config)
-    local = _with_local_inputs(stage, config)
-    data_print = _data_print(local)
-    key = tracking.reuse_key(name, _key_params(stage, config, local), data_print)
-    found = None if force else tracking.find_reusable(name, key)
-    if found is not None:
+    zero = distributed.is_zero()
+    decided = distributed.broadcast(_decide(stage, config, force, output_root) if zero else None)
+    if isinstance(decided, StageOutcome):
+        return decided
+    context = context or StageContext()
+    if not zero:
+        stage.run(decided.local, context)
+        return distributed.broadcast(None)  # rank 0's outcome, once its run is complete
+    outcome = _run_tracked(stage, config, decided, (method, nested, register_as), context)
+    return distributed.broadcast(outcome)
+
+
+def _decide(stage: Stage, config: Any, force: bool, output_root: str) -> StageOutcome | _Plan:
+    """A finished identical run to reuse, or the plan of a new run (rank 0)."""
+    data_print = _data_print(config)
+    key = tracking.reuse_key(stage.name, _key_params(stage, config), data_print)
+    found = None if force else tracking.find_reusable(stage.name, key)
+    if found is not None:  # decided before any input is downloaded
         return _reuse(stage, found)
     # Named after the key, so the same command re-run after a crash resumes in the same place.
-    output_dir = Path(config.output_dir or Path(output_root) / name / key[:12])
-    local = dataclasses.replace(local, output_dir=str(output_dir))
-    tags = {tracking.TAG_KEY: key, tracking.TAG_METHOD: method,
+    output_dir = Path(config.output_dir or Path(output_root) / stage.name / key[:12])
+    local = _with_local_inputs(stage, config, Path(output_root))
+    return _Plan(dataclasses.replace(local, output_dir=str(output_dir)), key, data_print)
+
+
+def _run_tracked(
+    stage: Stage, config: Any, plan: _Plan, where: tuple[str, bool, str], context: StageContext
+) -> StageOutcome:
+    method, nested, register_as = where
+    output_dir = Path(plan.local.output_dir)
+    tags = {tracking.TAG_KEY: plan.key, tracking.TAG_METHOD: method,
             tracking.TAG_OUTPUT_DIR: str(output_dir)}  # fmt: skip
-    with tracking.stage_run(name, tags, nested) as run:
+    with tracking.stage_run(stage.name, tags, nested) as run:
         run_id = run.info.run_id
         tracking.log_params({**dataclasses.asdict(config), "output_dir": str(output_dir)})
-        tracking.set_tags({tracking.TAG_FINGERPRINT: data_print})
-        given = context or StageContext()
-        context = dataclasses.replace(
-            given, logger_factory=lambda fold: tracking.stage_logger(run_id, fold)
+        tracking.set_tags({tracking.TAG_FINGERPRINT: plan.data_print})
+        logged = dataclasses.replace(
+            context, logger_factory=lambda fold: tracking.stage_logger(run_id, fold)
         )
-        result = stage.run(local, context)
+        result = stage.run(plan.local, logged)
         _log_outputs(stage, output_dir)
         if isinstance(result, finetune.FinetuneResult):
             _finish_finetune(result, register_as)
         tracking.set_tags({tracking.TAG_OUTPUT: f"runs:/{run_id}/"})
         tracking.mark_complete(run_id)
-    log.info("%s: done in run %s; outputs in %s", name, run_id, output_dir)
-    return StageOutcome(name, run_id, False, output_dir)
+    log.info("%s: done in run %s; outputs in %s", stage.name, run_id, output_dir)
+    return StageOutcome(stage.name, run_id, False, output_dir)
 
 
-def _with_local_inputs(stage: Stage, config: Any) -> Any:
-    local = {f: tracking.resolve_input(getattr(config, f), f) for f in stage.inputs}
+def _with_local_inputs(stage: Stage, config: Any, output_root: Path) -> Any:
+    """``config`` with every input URI downloaded, once, into ``output_root``'s input cache."""
+    cache = output_root / INPUT_CACHE
+    local = {f: tracking.resolve_input(getattr(config, f), f, cache) for f in stage.inputs}
     return dataclasses.replace(config, **local)
 
 
-def _key_params(stage: Stage, config: Any, local: Any) -> dict[str, Any]:
-    """Parameters plus a content fingerprint of every input given as a local path."""
+def _key_params(stage: Stage, config: Any) -> dict[str, Any]:
+    """Parameters plus a content fingerprint of every input given as a local path (a URI
+    names a run's artifact, which never changes: the URI itself is its fingerprint)."""
     params = dataclasses.asdict(config)
     for field in stage.inputs:
         value = getattr(config, field)
         if value and not tracking.is_uri(value) and Path(value).exists():
-            params[f"{field}.fingerprint"] = _path_print(Path(getattr(local, field)))
+            params[f"{field}.fingerprint"] = _path_print(Path(value))
     return params
 
 
@@ -191,21 +226,31 @@ def run_method(
     config = recipes.resolve(config)
     config.check()  # every stage's values, before the first one starts
     method = config.METHOD
+    if not distributed.is_zero():  # rank 0 alone opens the method's run
+        _run_stages(config, finetune_callbacks)
+        return distributed.broadcast({})
     # Under an active run (a search trial) the method run nests under it.
     with tracking.stage_run(method, {tracking.TAG_METHOD: method}, nested=False):
         tracking.log_params(dataclasses.asdict(config))
-        done: dict[str, StageOutcome] = {}
-        for step in config.stage_params():
-            inputs = {field: done[stage].uri(output)
-                      for field, (stage, output) in step.chained.items()}  # fmt: skip
-            context = StageContext(callback_factory=finetune_callbacks
-                                   if step.stage == finetune.SPEC.name else None)  # fmt: skip
-            done[step.stage] = execute_stage(
-                step.stage, step.build(config, inputs), method=method, force=config.force,
-                nested=True, output_root=config.output_root, register_as=config.register_as,
-                context=context,
-            )  # fmt: skip
-        return _method_headline(done[finetune.SPEC.name], config.register_as)
+        fine_tuned = _run_stages(config, finetune_callbacks)
+        return distributed.broadcast(_method_headline(fine_tuned, config.register_as))
+
+
+def _run_stages(config: Any, finetune_callbacks: CallbackFactory | None) -> StageOutcome:
+    """Each stage of the method in order, fed the URIs of the outputs before it; fine-tuning's
+    outcome."""
+    done: dict[str, StageOutcome] = {}
+    for step in config.stage_params():
+        inputs = {field: done[stage].uri(output)
+                  for field, (stage, output) in step.chained.items()}  # fmt: skip
+        context = StageContext(callback_factory=finetune_callbacks
+                               if step.stage == finetune.SPEC.name else None)  # fmt: skip
+        done[step.stage] = execute_stage(
+            step.stage, step.build(config, inputs), method=config.METHOD, force=config.force,
+            nested=True, output_root=config.output_root, register_as=config.register_as,
+            context=context,
+        )  # fmt: skip
+    return done[finetune.SPEC.name]
 
 
 def _method_headline(outcome: StageOutcome, register_as: str) -> dict[str, float]:

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -52,20 +54,40 @@ def is_uri(value: str) -> bool:
     return value.startswith(_URI_SCHEMES)
 
 
-def resolve_input(value: str, name: str) -> str:
-    """A local path for ``value``: downloaded with MLflow when it is an artifact or model URI."""
+def resolve_input(value: str, name: str, cache: Path | None = None) -> str:
+    """A local path for ``value``: downloaded with MLflow when it is an artifact or model URI.
+
+    With ``cache``, into ``cache/<the URI as a path>`` once: later stages and reruns find it
+    there (a run's artifacts never change) instead of downloading it again into a temporary
+    folder nobody removes. The download lands whole or not at all (written beside, renamed).
+    """
     if not value or not is_uri(value):
         return value
+    if cache is None:
+        return _download(value, name, None)
+    target = cache / re.sub(r"[^A-Za-z0-9._/-]", "_", value.replace(":/", "/")).strip("/")
+    if target.exists():
+        return str(target)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shutil.move(_download(value, name, partial), target)
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("%s: %s downloaded to %s", name, value, target)
+    return str(target)
+
+
+def _download(uri: str, name: str, into: Path | None) -> str:
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=value)
+        return mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(into) if into else None
+        )
     except Exception as err:  # MLflow raises several types for unknown runs/paths
         raise SerInputError(
-            f"{name}={value}: cannot download it from the tracking server "
+            f"{name}={uri}: cannot download it from the tracking server "
             f"{mlflow.get_tracking_uri()} ({err}); check the run id and artifact path "
             "(`mlflow artifacts list --run-id ID`)"
         ) from err
-    log.info("%s: %s downloaded to %s", name, value, local)
-    return local
 
 
 def file_digest(path: Path) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +34,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 from transformers import PretrainedConfig
 
-from ser import artifacts
+from ser import artifacts, distributed
 from ser.atomic import atomic_write_json
 from ser.audio import check_audio_files
 from ser.config import PRECISIONS, SAMPLE_RATE, TrainingConfig
@@ -97,10 +96,20 @@ def fold_input(path: str, fold: LabelFile) -> str:
 
 
 def save_config(config: Any, output_dir: Path, **extra: Any) -> Path:
-    """Write the resolved config beside the outputs, so a run explains itself."""
-    target = output_dir / "config.json"
-    atomic_write_json(target, {**dataclasses.asdict(config), **extra})
+    """Write the resolved config beside the outputs, so a run explains itself (rank 0)."""
+    target = output_dir / artifacts.CONFIG_JSON
+    if distributed.is_zero():
+        atomic_write_json(target, {**dataclasses.asdict(config), **extra})
     return target
+
+
+def finish_fold(fold_dir: Path, config: Any, write: Callable[[], object]) -> None:
+    """A fold's (or run's) outputs written once, by rank 0, then its resume points removed; the
+    other ranks wait for both, so no rank reads a half-written output."""
+    if distributed.is_zero():
+        write()
+        drop_checkpoints(fold_dir, config)
+    distributed.barrier()
 
 
 def class_weights(labels: Sequence[str], classes: Sequence[str], where: str) -> list[float]:
@@ -220,9 +229,15 @@ def build_trainer(
         save_last=True,
         every_n_train_steps=every_n_train_steps,
     )
+    here = distributed.world()
+    _check_processes(config, here)
     return pl.Trainer(
         accelerator=config.accelerator,
-        devices=_devices(config.devices),
+        # Every rank was started by a launcher (torchrun, srun) and joined the group already
+        # (ser.distributed); Lightning takes it as it is.
+        devices=here.local_size if here.size > 1 else 1,
+        num_nodes=here.nodes,
+        strategy="ddp" if here.size > 1 else "auto",
         precision=resolve_precision(config.precision),
         max_steps=max_steps,
         max_epochs=max_epochs,
@@ -248,14 +263,18 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, output_dir: Path, **loa
     resume = last_checkpoint(output_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
-    trainer.fit(module, ckpt_path=resume, **loaders)
+    with warnings.catch_warnings():
+        # Evaluation metrics are computed over every rank's share already (ser.distributed);
+        # a training loss is the logging rank's: no cross-rank reduction is wanted.
+        warnings.filterwarnings("ignore", message="It is recommended to use `self.log")
+        trainer.fit(module, ckpt_path=resume, **loaders)
 
 
 def drop_checkpoints(directory: Path, config: TrainingConfig | Any) -> None:
     """Remove ``directory/checkpoints`` once its fold or run has written its outputs: resume
     points matter only while a run is unfinished (``keep_checkpoints`` keeps them)."""
     target = directory / artifacts.CHECKPOINTS
-    if target.is_dir() and not config.keep_checkpoints:
+    if target.is_dir() and not config.keep_checkpoints and distributed.is_zero():
         shutil.rmtree(target)
         log.debug("removed %s: the run is finished", target)
 
@@ -266,21 +285,19 @@ def best_checkpoint(trainer: pl.Trainer) -> Path | None:
     return Path(path) if path else None
 
 
-def _devices(devices: str) -> int | str:
-    return int(devices) if devices.isdigit() else devices
+def _check_processes(config: Any, here: distributed.World) -> None:
+    wanted = distributed.requested_processes(config.accelerator, config.devices) * here.nodes
+    if wanted != here.size:
+        raise SerInputError(
+            f"devices={config.devices!r} asks for {wanted} process(es) and {here.size} are "
+            "running: start data-parallel runs with an entry point (it starts torchrun for "
+            "devices > 1), torchrun or srun, with one process per device"
+        )
 
 
 # --------------------------------------------------------------------------- data and callbacks
 
 MAX_AUTO_WORKERS = 4
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and SLURM set)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def loader_options(config: Any) -> dict[str, Any]:
@@ -291,8 +308,8 @@ def loader_options(config: Any) -> dict[str, Any]:
     :data:`MAX_AUTO_WORKERS`. Workers persist across epochs, so they start once per loader.
     """
     workers = config.num_workers
-    if workers < 0:
-        cores = usable_cores()
+    if workers < 0:  # this process's share of the machine's cores
+        cores = distributed.usable_cores() // distributed.world().local_size
         workers = 0 if cores <= 2 else min(MAX_AUTO_WORKERS, cores // 2)
     return {"num_workers": workers, "persistent_workers": workers > 0}
 

@@ -58,7 +58,9 @@ def test_only_complete_finished_runs_are_reused(tracking_uri: str) -> None:
     assert tracking.find_reusable("finetune", "k1") is None
 
 
-def test_resolve_input_downloads_run_artifacts(tracking_uri: str, tmp_path: Path) -> None:
+def test_resolve_input_downloads_run_artifacts_once_into_the_cache(
+    tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tmp_path / "made"
     (source / "fold_1").mkdir(parents=True)
     (source / "fold_1" / "clusters.json").write_text("{}")
@@ -69,6 +71,19 @@ def test_resolve_input_downloads_run_artifacts(tracking_uri: str, tmp_path: Path
     assert tracking.resolve_input("plain/path", "x") == "plain/path"
     with pytest.raises(SerInputError, match="clusterpath=runs:/0123"):
         tracking.resolve_input("runs:/0123/out", "clusterpath")
+
+    cache = tmp_path / "outputs" / ".inputs"
+    uri = f"runs:/{run.info.run_id}/out"
+    cached = Path(tracking.resolve_input(uri, "clusterpath", cache))
+    assert cached == cache / "runs" / run.info.run_id / "out"
+    assert (cached / "fold_1" / "clusters.json").read_text() == "{}"
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["out"]  # nothing half-written
+
+    def no_download(*args: object) -> str:
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(tracking, "_download", no_download)
+    assert Path(tracking.resolve_input(uri, "clusterpath", cache)) == cached
 
 
 def test_stage_logger_never_ends_the_stage_run(tracking_uri: str) -> None:

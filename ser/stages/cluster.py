@@ -48,7 +48,7 @@ import torch
 from pytorch_lightning.loggers import Logger
 from tqdm.auto import tqdm
 
-from ser import artifacts, training
+from ser import artifacts, distributed, training
 from ser.artifacts import CLUSTER_STATS_JSON as STATS_FILE
 from ser.artifacts import CLUSTERS as OUTPUT_DIR
 from ser.artifacts import CLUSTERS_JSON as MERGED_FILE
@@ -93,14 +93,15 @@ class FeatureStore:
     """Frame features ``float32 [total, dim]`` in a file, written and read through short-lived
     ``np.memmap`` windows so that neither the corpus nor its mapping stays in memory."""
 
-    def __init__(self, path: Path, total: int, dim: int) -> None:
+    def __init__(self, path: Path, total: int, dim: int, create: bool = True) -> None:
         if total < 1 or dim < 1:
             raise ValueError(f"a feature store needs total >= 1 and dim >= 1, got {total}, {dim}")
         self.path = Path(path)
         self.total = total
         self.dim = dim
-        with open(self.path, "wb") as handle:
-            handle.truncate(total * dim * 4)  # sparse: disk fills as features are written
+        if create:  # else another rank made it, and this one writes its share into it
+            with open(self.path, "wb") as handle:
+                handle.truncate(total * dim * 4)  # sparse: disk fills as features are written
 
     def _window(self, start: int, count: int, mode: str) -> np.memmap:
         if start < 0 or count < 0 or start + count > self.total:
@@ -170,6 +171,16 @@ def store_features(
         start += count
     if start != store.total:
         raise RuntimeError(f"got {start} frames, expected {store.total}")
+    return sample
+
+
+def read_sample(store: FeatureStore, sample_rows: np.ndarray) -> np.ndarray:
+    """The rows ``sample_rows`` (sorted) of the store, read in one pass of chunks."""
+    sample = np.empty((len(sample_rows), store.dim), dtype=np.float32)
+    chunk_rows = max(ASSIGN_CHUNK_BYTES // (4 * store.dim), 1)
+    for start, rows in store.chunks(chunk_rows):
+        lo, hi = np.searchsorted(sample_rows, [start, start + len(rows)])
+        sample[lo:hi] = rows[sample_rows[lo:hi] - start]
     return sample
 
 
@@ -293,24 +304,20 @@ def _run_fold(
     if merged.is_file() and (out / STATS_FILE).is_file():
         log.info("%s: cluster labels already in %s; skipping the fold", plan.fold.name, merged)
         return merged, _read_stats(out / STATS_FILE)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in fold_dir.glob(f"{FEATURES_PREFIX}*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     model, _ = load_emotion_w2v1(plan.model_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    # On the output disk, not /tmp: a real corpus's features take gigabytes.
-    tmp = Path(tempfile.mkdtemp(prefix=FEATURES_PREFIX, dir=fold_dir))
+    model.to(_device())
+    store = _shared_store(fold_dir, sum(plan.frame_counts), model.feature_dim)
     try:
-        store = FeatureStore(tmp / "features.f32", sum(plan.frame_counts), model.feature_dim)
-        features = _extract(model, config, plan, device)
-        sample = store_features(features, plan.frame_counts, store, plan.sample_rows)
-        models, stats = _cluster(config, ks, plan, sample, out)
-        del sample
-        labels = assign_all(store, models)
+        # Every rank extracts its share of the files into the one store; then rank 0 alone
+        # trains k-means, labels every frame and writes the labels, once.
+        _extract_share(model, config, plan, store)
+        distributed.barrier()
+        stats = _cluster_and_write(config, ks, plan, store, out) if distributed.is_zero() else {}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    stats = _write_outputs(ks, plan, labels, stats, out)
+        distributed.barrier()
+        if distributed.is_zero():
+            shutil.rmtree(store.path.parent, ignore_errors=True)
+    stats = distributed.broadcast(stats)
     log.info(
         "%s: %d files, %d frames clustered with k=%s; labels in %s",
         plan.fold.name,
@@ -322,23 +329,55 @@ def _run_fold(
     return merged, stats
 
 
-def _extract(
-    model: EmotionWav2Vec1, config: ClusterConfig, plan: _FoldPlan, device: torch.device
-) -> Iterator[np.ndarray]:
-    """Each Train file's features ``[frames, dim]`` in plan order (empty for too-short clips)."""
-    progress = tqdm(
-        zip(plan.names, plan.frame_counts, strict=True),
-        total=len(plan.names),
-        desc=f"{plan.fold.name} features",
-        unit="file",
-    )
-    for name, count in progress:
-        if count == 0:
-            yield np.zeros((0, model.feature_dim), dtype=np.float32)
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed.world().local_rank)
+    return torch.device("cpu")
+
+
+def _shared_store(fold_dir: Path, total: int, dim: int) -> FeatureStore:
+    """The fold's feature file, made by rank 0 on the output disk (not /tmp: a real corpus's
+    features take gigabytes) after removing what a killed run left; every rank opens it."""
+    path = None
+    if distributed.is_zero():
+        fold_dir.joinpath(OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in fold_dir.glob(f"{FEATURES_PREFIX}*"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        path = Path(tempfile.mkdtemp(prefix=FEATURES_PREFIX, dir=fold_dir)) / "features.f32"
+        FeatureStore(path, total, dim)
+    path = distributed.broadcast(path)
+    return FeatureStore(path, total, dim, create=False)
+
+
+def _extract_share(
+    model: EmotionWav2Vec1, config: ClusterConfig, plan: _FoldPlan, store: FeatureStore
+) -> None:
+    """This rank's share of the Train files: features ``[frames, dim]`` at their rows."""
+    starts = np.concatenate([[0], np.cumsum(plan.frame_counts)[:-1]]).astype(np.int64)
+    mine = distributed.shard(range(len(plan.names)))
+    progress = tqdm(mine, desc=f"{plan.fold.name} features", unit="file",
+                    disable=not distributed.is_zero())  # fmt: skip
+    device = next(model.parameters()).device
+    for index in progress:
+        if plan.frame_counts[index] == 0:  # too short for one frame
             continue
-        wav = read_audio(Path(config.datadir) / name, downmix=config.downmix)
+        wav = read_audio(Path(config.datadir) / plan.names[index], downmix=config.downmix)
         batch = torch.from_numpy(wav).unsqueeze(0).to(device)
-        yield model.extract_features(batch)[0].cpu().numpy()
+        rows = model.extract_features(batch)[0].cpu().numpy()
+        if rows.shape != (plan.frame_counts[index], store.dim):
+            raise RuntimeError(f"{plan.names[index]}: expected {plan.frame_counts[index]} "
+                               f"frames of {store.dim} features, got {list(rows.shape)}")
+        store.write(int(starts[index]), rows)
+
+
+def _cluster_and_write(
+    config: ClusterConfig, ks: list[int], plan: _FoldPlan, store: FeatureStore, out: Path
+) -> dict[str, Any]:
+    sample = read_sample(store, plan.sample_rows)
+    models, stats = _cluster(config, ks, plan, sample, out)
+    del sample
+    labels = assign_all(store, models)
+    return _write_outputs(ks, plan, labels, stats, out)
 
 
 def _cluster(

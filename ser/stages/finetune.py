@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ser import artifacts, report, training
+from ser import artifacts, distributed, report, training
 from ser.atomic import atomic_write_json, atomic_write_text, replace_dir, restore_dir
 from ser.config import SAMPLE_RATE, FinetuneConfig
 from ser.data.datasets import UtteranceDataset, collate_utterances
@@ -239,11 +239,20 @@ class FinetuneModule(pl.LightningModule):
                               list(batch["names"])))
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        logits = torch.cat([out[0] for out in self._outputs])
-        labels = torch.cat([out[1] for out in self._outputs])
-        names = [name for out in self._outputs for name in out[2]]
+        """Every utterance of the split, from every rank (each evaluated one share of it)."""
+        mine = (
+            torch.cat([out[0] for out in self._outputs]) if self._outputs
+            else torch.zeros(0, len(self.classes)),
+            torch.cat([out[1] for out in self._outputs]) if self._outputs
+            else torch.zeros(0, dtype=torch.long),
+            [name for out in self._outputs for name in out[2]],
+        )  # fmt: skip
         self._outputs = []
-        return logits, labels, names
+        parts = distributed.gather(mine)
+        names = [name for part in parts for name in part[2]]
+        keep = distributed.first_of_each(names)
+        return (torch.cat([p[0] for p in parts])[keep], torch.cat([p[1] for p in parts])[keep],
+                [names[i] for i in keep])  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data
@@ -300,7 +309,9 @@ def eval_loader(
     dataset = UtteranceDataset(config.datadir, items, classes, downmix=config.downmix)
     # A plain sampler, not a batch sampler: Trainer.predict rebuilds the batch sampler of its
     # loaders and can only do that for torch's own.
-    order = np.argsort(dataset.lengths, kind="stable").tolist()
+    # Under data parallelism each rank evaluates its own share, never a padded one (no
+    # utterance twice); FinetuneModule gathers the shares before scoring.
+    order = distributed.shard(np.argsort(dataset.lengths, kind="stable").tolist())
     return DataLoader(dataset, batch_size=batch_size, sampler=order,
                       collate_fn=collate_utterances, **training.loader_options(config))
 
@@ -403,9 +414,12 @@ def _train_and_test(
     trainer.test(module, dataloaders=loaders.test, ckpt_path=str(tested), verbose=False,
                  weights_only=True)
     result = _run_record(job, module, trainer, tested, output_dir, has_val)
-    _keep_weights(config, job, tested, result, (classes, output_dir, earlier))
-    atomic_write_json(results_path, result)  # the run is finished once this exists
-    training.drop_checkpoints(job.directory, config)
+
+    def write() -> None:
+        _keep_weights(config, job, tested, result, (classes, output_dir, earlier))
+        atomic_write_json(results_path, result)  # the run is finished once this exists
+
+    training.finish_fold(job.directory, config, write)
     log.info("finetune %s (seed %d): test UA %.2f WA %.2f F1 %.2f with the %s checkpoint; "
              "wrote %s", job.name, job.seed, result["scores"]["UA"], result["scores"]["WA"],
              result["scores"]["F1"], result["tested"], results_path)
@@ -435,7 +449,8 @@ def _fit(
         training.fit(trainer, module, job.directory, train_dataloaders=loaders.train,
                      val_dataloaders=loaders.val)
     # Written after fit: ModelCheckpoint warns about a non-empty directory at the start.
-    write_model_json(job.directory / artifacts.CHECKPOINTS, module.model.backbone.config)
+    if distributed.is_zero():
+        write_model_json(job.directory / artifacts.CHECKPOINTS, module.model.backbone.config)
     return trainer
 
 
@@ -480,7 +495,8 @@ def run(config: FinetuneConfig, context: StageContext = NO_CONTEXT) -> FinetuneR
     weights = _check_folds(folds, classes)
     sources = {fold.name: backbone_source(config, fold) for fold in folds}
     output_dir = training.stage_output_dir(config, SPEC.name)
-    restore_dir(output_dir / artifacts.MODEL)  # a kill in the middle of its replacement
+    if distributed.is_zero():
+        restore_dir(output_dir / artifacts.MODEL)  # a kill in the middle of its replacement
     _warn_on_changed_config(config, output_dir)
     training.save_config(config, output_dir, resolved_classes=classes)
     jobs = [
@@ -527,22 +543,21 @@ def _keep_weights(
 def _finish(runs: list[dict[str, Any]], classes: list[str], output_dir: Path) -> FinetuneResult:
     summary = report.summarise_runs(runs, classes)
     chosen, reason = select_export_run(runs)
+    summary["exported_model"] = {"path": artifacts.MODEL, "fold": chosen["fold"],
+                                 "repeat": chosen["repeat"], "selected_by": reason}
     model_dir = output_dir / artifacts.MODEL
+    if distributed.is_zero():
+        _write_report(summary, classes, output_dir)
+    distributed.barrier()
     if not (model_dir / artifacts.MODEL_JSON).is_file():
         raise RuntimeError(
             f"finetune: {model_dir} holds no exported model; delete {output_dir} and run again"
         )
-    summary["exported_model"] = {"path": artifacts.MODEL, "fold": chosen["fold"],
-                                 "repeat": chosen["repeat"], "selected_by": reason}
-    summary_path = output_dir / artifacts.SUMMARY_JSON
-    text_path = output_dir / artifacts.SUMMARY_TXT
-    atomic_write_json(summary_path, summary)
-    atomic_write_text(text_path, report.format_summary(summary))
-    confusion_path = plot_confusion(
-        summary["confusion"], classes, output_dir / artifacts.CONFUSION_PNG,
-        title=f"Confusion matrix, {len(runs)} run(s) summed",
-    )
     metrics = summary["metrics"]
+    summary_path, text_path, confusion_path = (
+        output_dir / name
+        for name in (artifacts.SUMMARY_JSON, artifacts.SUMMARY_TXT, artifacts.CONFUSION_PNG)
+    )
     log.info("finetune: %d run(s) over %d fold(s): UA %.2f, WA %.2f, F1 %.2f (mean); wrote "
              "%s, %s, %s and the model in %s", len(runs), len(summary["folds"]),
              metrics["UA"]["mean"], metrics["WA"]["mean"], metrics["F1"]["mean"], summary_path,
@@ -555,6 +570,15 @@ def _finish(runs: list[dict[str, Any]], classes: list[str], output_dir: Path) ->
 
 
 
+
+
+def _write_report(summary: dict[str, Any], classes: list[str], output_dir: Path) -> None:
+    atomic_write_json(output_dir / artifacts.SUMMARY_JSON, summary)
+    atomic_write_text(output_dir / artifacts.SUMMARY_TXT, report.format_summary(summary))
+    plot_confusion(
+        summary["confusion"], classes, output_dir / artifacts.CONFUSION_PNG,
+        title=f"Confusion matrix, {summary['num_runs']} run(s) summed",
+    )
 
 
 def select_export_run(runs: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], str]:

@@ -43,7 +43,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ser import artifacts, training
+from ser import artifacts, distributed, training
 from ser.atomic import atomic_write_json
 from ser.audio import check_audio_files
 from ser.checkpoints import safe_torch_load
@@ -157,7 +157,7 @@ class Phase1Module(pl.LightningModule):
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.seed = seed
-        self._valid: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._valid: list[tuple[str, float, float]] = []  # name, weighted loss, weight
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # Seeded by the step, so a resumed run crops as the uninterrupted one would.
@@ -181,13 +181,17 @@ class Phase1Module(pl.LightningModule):
             n = int(batch["lengths"][i])
             outputs = self.model(batch["input_values"][i : i + 1, :n])
             label = batch["labels"][i : i + 1]
-            self._valid.append((self.model.loss(outputs, label), self.class_weights[label[0]]))
+            loss, weight = self.model.loss(outputs, label), self.class_weights[label[0]]
+            self._valid.append((batch["names"][i], float(loss * weight), float(weight)))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._valid:
-            return
-        losses, weights = (torch.stack(values) for values in zip(*self._valid, strict=True))
-        self.log("valid_loss", (losses * weights).sum() / weights.sum(), prog_bar=True)
+        # Each rank validated its own share of the held-out files: every file counts once.
+        rows = [row for part in distributed.gather(self._valid) for row in part]
+        rows = [rows[i] for i in distributed.first_of_each([name for name, _, _ in rows])]
+        total = sum(weight for _, _, weight in rows)
+        if total > 0:
+            loss = sum(weighted for _, weighted, _ in rows) / total
+            self.log("valid_loss", torch.tensor(loss), prog_bar=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Only trainable parameters: the frozen feature extractor is never optimised.
@@ -304,9 +308,10 @@ def _run_fold(
         log.info("%s: phase-1 model already in %s; skipping the fold", plan.fold.name, model_dir)
         training.drop_checkpoints(fold_dir, config)  # left by a kill after the model
         return model_dir, summary
-    atomic_write_json(
-        fold_dir / SPLIT_FILE, {"train": sorted(plan.train), "valid": sorted(plan.valid)}
-    )
+    if distributed.is_zero():
+        atomic_write_json(
+            fold_dir / SPLIT_FILE, {"train": sorted(plan.train), "valid": sorted(plan.valid)}
+        )
     training.seed_everything(config.seed)
     model = EmotionWav2Vec1(copy.deepcopy(base), len(classes))
     module = Phase1Module(
@@ -350,8 +355,9 @@ def _run_fold(
         "train_files": len(plan.train),
         "valid_files": len(plan.valid),
     }
-    save_emotion_w2v1(model, model_dir, classes, training=summary)
-    training.drop_checkpoints(fold_dir, config)
+    training.finish_fold(
+        fold_dir, config, lambda: save_emotion_w2v1(model, model_dir, classes, training=summary)
+    )
     log.info(
         "%s: phase-1 model from step %d (valid_loss %.4f) written to %s",
         plan.fold.name,
@@ -397,7 +403,8 @@ def _loaders(
             **training.loader_options(config),
         ),
         DataLoader(
-            valid, batch_size=1, collate_fn=collate_utterances, **training.loader_options(config)
+            valid, batch_size=1, sampler=distributed.shard(range(len(valid))),
+            collate_fn=collate_utterances, **training.loader_options(config),
         ),
     )
 

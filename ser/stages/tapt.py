@@ -283,8 +283,7 @@ def _run_fold(
         enable_validation=False,
     )
     training.fit(trainer, module, fold_dir, train_dataloaders=loader)
-    save_backbone(module.model, target)
-    training.drop_checkpoints(fold_dir, config)
+    training.finish_fold(fold_dir, config, lambda: save_backbone(module.model, target))
     loss = trainer.callback_metrics.get("loss")
     final = float(loss) if loss is not None else float("nan")
     log.info(
