@@ -615,6 +615,9 @@ class SearchSpaceConfig:
 
     method: str = param("ptapt", f"the method a trial runs: {', '.join(METHODS)}")
     n_trials: int = param(10, "trials of the whole study: complete + pruned + running")
+    workers_per_machine: int = param(
+        1, "search workers started on this machine: each takes its share of the cores"
+    )
     timeout: float = param(0.0, "seconds after which this worker starts no trial; 0: none")
     study_name: str = param("", "Optuna study name; empty: ser-<method>")
     storage: str = param("", "SQLAlchemy URL; empty: SQLite optuna.db beside the MLflow db")
@@ -642,12 +645,20 @@ class SearchConfig(RecipeOption, DynamicBatchParams, Phase2Params, ClusterSample
     tune (fixed for the whole study)."""
 
     TUNED: ClassVar[tuple[str, ...]] = ("lr", "batch_size", "num_clusters")
+    # A trial runs in its worker's process: to use several devices, start a worker per device.
+    devices: str = param("1", "one device per trial; start one worker per device to use more")
 
     def check(self) -> None:
         checks.one_of(self, "recipe", RECIPES)
+        if str(self.devices) != "1":
+            raise checks.ConfigError(
+                "devices", self.devices, "must be 1: a trial runs in its worker's process; to "
+                "use several devices, start one worker per device (CUDA_VISIBLE_DEVICES=i)",
+            )
         checks.one_of(self, "method", METHODS)
-        for name, low in (("n_trials", 1), ("pruner_startup_trials", 0),
-                          ("pruner_warmup_steps", 0), ("sampler_seed", 0)):  # fmt: skip
+        for name, low in (("n_trials", 1), ("workers_per_machine", 1),
+                          ("pruner_startup_trials", 0), ("pruner_warmup_steps", 0),
+                          ("sampler_seed", 0)):  # fmt: skip
             checks.integer(self, name, low)
         checks.in_range(self, "timeout", 0, float("inf"), high_open=True)
         checks.one_of(self, "sampler", SAMPLERS)

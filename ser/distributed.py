@@ -98,7 +98,8 @@ def start(accelerator: str = "auto") -> World:
             world_size=environment.world_size(),
         )  # fmt: skip
     here = world()
-    set_threads(here.local_size)
+    # srun gives each task its own cores already; torchrun's ranks share the machine's.
+    set_threads(1 if isinstance(environment, SLURMEnvironment) else here.local_size)
     log.info("rank %d of %d (%d on this machine) joined", here.rank, here.size, here.local_size)
     if not here.is_zero:  # one rank tells people what happened; the others only warn
         logging.getLogger("ser").setLevel(logging.WARNING)

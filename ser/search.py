@@ -54,7 +54,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
-from ser import pipelines, recipes, tracking, training
+from ser import distributed, pipelines, recipes, tracking, training
 from ser.config import METHOD_STAGES, parse_cluster_sets
 from ser.data.labels import LabelFile
 from ser.errors import SerInputError
@@ -83,8 +83,8 @@ OPEN_ATTEMPTS = 3
 HEARTBEAT_S = 30  # a running trial's worker says it is alive this often
 GRACE_S = 180  # after this long without a word its trial is failed and no longer counts
 # Search settings a resumed study may change: budget, storage and how the next trials are picked.
-_CONTROL = ("n_trials", "timeout", "study_name", "storage", "sampler", "sampler_seed", "pruner",
-            "pruner_startup_trials", "pruner_warmup_steps")  # fmt: skip
+_CONTROL = ("n_trials", "workers_per_machine", "timeout", "study_name", "storage", "sampler",
+            "sampler_seed", "pruner", "pruner_startup_trials", "pruner_warmup_steps")  # fmt: skip
 # Settings that change where or how fast a trial runs, not what it computes.
 _NOT_SETTINGS = tracking.NOT_IN_KEY | {"output_root"}
 
@@ -206,7 +206,7 @@ def one_process_at_a_time(url: str) -> Iterator[None]:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage at ``url`` (any SQLAlchemy URL), with heartbeats so a trial of a dead
     worker is failed, and SQLite writers that wait for each other instead of failing."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith(
         "sqlite") else {}
@@ -218,15 +218,23 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
                     grace_period=GRACE_S, heartbeat_stale_trial_callback=_dead_worker_trial,
                 )  # fmt: skip
-        except (IntegrityError, OperationalError) as err:
-            # Workers that start together on a fresh database race to create its tables; the
-            # losers find them made when they try again.
+        except (IntegrityError, OperationalError, ProgrammingError) as err:
+            # Workers that start together on a fresh database race to create its tables (on
+            # PostgreSQL the loser may hear "already exists" of a table or a type); the losers
+            # find them made when they try again.
+            if isinstance(err, ProgrammingError) and not _already_exists(err):
+                raise SerInputError(_storage_error(url, err)) from err
             if attempt == OPEN_ATTEMPTS:
                 raise SerInputError(_storage_error(url, err)) from err
             time.sleep(attempt)
         except Exception as err:  # SQLAlchemy and drivers raise many types for a bad URL
             raise SerInputError(_storage_error(url, err)) from err
     raise AssertionError("unreachable")
+
+
+def _already_exists(err: Exception) -> bool:
+    # PostgreSQL's duplicate_table and duplicate_object
+    return getattr(getattr(err, "orig", None), "sqlstate", "") in ("42P07", "42710")
 
 
 def _dead_worker_trial(study: Study, trial: FrozenTrial) -> None:
@@ -538,6 +546,7 @@ def search(config: SearchConfig) -> SearchResult:
     """Run this worker's share of the study ``config`` names (see the module docstring)."""
     config = recipes.resolve(config)
     space, folds = check_config(config)
+    distributed.set_threads(config.workers_per_machine)
     settings = study_settings(config, folds)
     name = config.study_name or f"ser-{config.method}"
     url = config.storage or default_storage()

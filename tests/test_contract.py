@@ -111,6 +111,7 @@ def test_a_method_builds_each_stage_from_its_own_parameters() -> None:
         (SearchConfig(method="ptapt", phase2_lr=-1.0), "phase2_lr=-1.0 must be"),
         (SearchConfig(lr_min=1.0, lr_max=0.1), "lr_min=1.0 must be <= lr_max=0.1"),
         (SearchConfig(sampler="grid"), "sampler='grid' is not one of: tpe, random"),
+        (SearchConfig(devices="2"), "devices='2' must be 1: a trial runs in its worker's"),
     ],
 )  # fmt: skip
 def test_method_checks_name_the_parameter_the_user_typed(config: object, message: str) -> None:

@@ -22,17 +22,16 @@ import pytest
 import torch
 from pytorch_lightning import Trainer
 
-from ser.config import FinetuneConfig
+from ser.config import ClusterConfig, FinetuneConfig
 from ser.data.datasets import UtteranceDataset
 from ser.data.labels import read_label_file
 from ser.data.sampling import BucketBatchSampler
 from ser.data.synthetic import DemoCorpus
-from ser.stages import finetune
+from ser.stages import cluster, finetune
 from ser.stages.finetune import FinetuneModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO = ["--accelerator", "cpu", "--devices", "2"]
-pytestmark = pytest.mark.slow
 
 
 def _run(script: str, args: list[str], tracking_uri: str, cwd: Path, launcher: list[str] | None
@@ -94,6 +93,7 @@ def _one_process_test_scores(out: Path, corpus: DemoCorpus, run: dict) -> dict:
     return {"scores": module.test_scores.as_dict(), "predictions": module.test_predictions}
 
 
+@pytest.mark.slow
 def test_ptapt_on_two_processes_leaves_what_one_process_leaves(
     corpus: DemoCorpus, tracking_uri: str, tmp_path: Path
 ) -> None:
@@ -123,7 +123,20 @@ def test_ptapt_on_two_processes_leaves_what_one_process_leaves(
     assert sorted(result["predictions"]) == sorted(fold.test)  # every test utterance once
     assert parent.data.metrics["test_UA_mean"] == pytest.approx(result["scores"]["UA"])
 
+    # Clustering shared its feature pass between the ranks: the labels are those that one
+    # process makes from the same phase-1 model.
+    by_stage = {r.data.tags["ser.stage"]: Path(r.data.tags["ser.output_dir"]) for r in runs
+                if "ser.output_dir" in r.data.tags}  # fmt: skip
+    alone = cluster.run(ClusterConfig(
+        datadir=str(corpus.audio_dir), labelpath=str(corpus.label_files[0]),
+        output_dir=str(tmp_path / "alone"), pretrained_path=str(by_stage["pretrain_w2v1"]),
+        num_clusters=(2, 3),
+    ))  # fmt: skip
+    shared = by_stage["cluster"] / "fold_1" / "clusters" / "clusters.json"
+    assert json.loads(shared.read_text()) == json.loads(alone.cluster_files["fold_1"].read_text())
 
+
+@pytest.mark.slow
 def test_a_stage_under_torchrun_equals_one_process_evaluation(
     corpus: DemoCorpus, tracking_uri: str, tmp_path: Path
 ) -> None:
@@ -143,6 +156,7 @@ def test_a_stage_under_torchrun_equals_one_process_evaluation(
     assert not any("checkpoints" in path or path.endswith(".ckpt") for path in logged)
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(
     corpus: DemoCorpus, tracking_uri: str, tmp_path: Path
 ) -> None:
@@ -170,3 +184,21 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(
     assert len(runs) == 2 and len(complete) == 1  # the killed run, and the one that resumed
     history = mlflow.MlflowClient().get_metric_history(complete[0].info.run_id, "fold_1-loss")
     assert min(m.step for m in history) >= killed_at  # continued, did not start over
+
+
+@pytest.mark.parametrize(("cores", "processes", "threads"), [(2, 2, 1), (16, 2, 8), (2, 1, 2),
+                                                             (2, 4, 1)])
+def test_each_process_takes_its_share_of_the_cores(
+    cores: int, processes: int, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ser import distributed
+
+    monkeypatch.setattr(distributed, "usable_cores", lambda: cores)
+    monkeypatch.delenv(distributed.THREADS_VARIABLE, raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert distributed.set_threads(processes) == threads == torch.get_num_threads()
+        monkeypatch.setenv(distributed.THREADS_VARIABLE, "3")
+        assert distributed.set_threads(processes) == 3
+    finally:
+        torch.set_num_threads(before)
