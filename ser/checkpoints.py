@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -95,3 +96,30 @@ def fairseq_model_options(checkpoint: dict[str, Any], source: str = "checkpoint"
         f"{source} has neither 'args' nor 'cfg' with model options (keys: {sorted(checkpoint)}); "
         "expected a fairseq checkpoint as written by fairseq-train."
     )
+
+
+def read_saved_config(
+    directory: str | os.PathLike[str], files: tuple[str, str], format_tag: str, what: str,
+    remedy: str,
+) -> dict[str, Any]:
+    """The ``config.json`` object of a model directory saved by ser, checked.
+
+    ``files``: the config and weights file names, both required; ``format_tag``: the
+    ``"format"`` the config must carry; ``what``/``remedy`` finish the error messages.
+    """
+    folder = Path(directory)
+    config_file, weights_file = files
+    config_path = folder / config_file
+    if not config_path.is_file() or not (folder / weights_file).is_file():
+        raise SerInputError(
+            f"{folder} is not a saved {what}: it lacks {config_file} or {weights_file}; {remedy}"
+        )
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SerInputError(f"{config_path} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != format_tag:
+        raise SerInputError(
+            f'{config_path} is not a saved {what} config (expected "format": "{format_tag}")'
+        )
+    return meta

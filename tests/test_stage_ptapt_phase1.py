@@ -199,7 +199,7 @@ def test_save_and_load_round_trip_keeps_options(tmp_path: Path) -> None:
     with pytest.raises(SerInputError, match="3 classes"):
         save_emotion_w2v1(model, tmp_path / "x", ["a", "b"])
     (tmp_path / "m" / "config.json").write_text('{"format": "other"}')
-    with pytest.raises(SerInputError, match="not a phase-1 model config"):
+    with pytest.raises(SerInputError, match="not a saved phase-1 model config"):
         load_emotion_w2v1(tmp_path / "m")
     with pytest.raises(SerInputError, match="lacks config.json"):
         load_emotion_w2v1(tmp_path / "missing")

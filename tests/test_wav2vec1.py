@@ -264,7 +264,7 @@ def test_saved_directory_problems_are_named(tmp_path: Path) -> None:
         load_wav2vec1(directory)
 
     (directory / "config.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(SerInputError, match="not a saved wav2vec 1.0 config"):
+    with pytest.raises(SerInputError, match="not a saved wav2vec 1.0 model config"):
         load_wav2vec1(directory)
 
 

@@ -14,7 +14,6 @@ original's clustering did with batch size 1), so clustering features never see p
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ser import artifacts
 from ser.atomic import atomic_write_json
-from ser.checkpoints import safe_torch_load, save_state_dict
+from ser.checkpoints import read_saved_config, safe_torch_load, save_state_dict
 from ser.errors import SerInputError
 from ser.models.heads import LinearHead, masked_mean
 from ser.models.masking import feature_mask, time_mask
@@ -316,21 +315,11 @@ def load_emotion_w2v1(directory: str | os.PathLike[str]) -> tuple[EmotionWav2Vec
 
 def read_emotion_w2v1_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``config.json`` of a saved phase-1 model directory."""
-    folder = Path(directory)
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise SerInputError(
-            f"{folder} is not a saved phase-1 model: it lacks {CONFIG_FILE} or {WEIGHTS_FILE}; "
-            f"pass the {artifacts.W2V1}/ folder (or the output_dir) of a finished phase-1 run"
-        )
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SerInputError(f"{config_path} is not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != _SAVE_FORMAT:
-        raise SerInputError(
-            f'{config_path} is not a phase-1 model config (expected "format": "{_SAVE_FORMAT}")'
-        )
+    config_path = Path(directory) / CONFIG_FILE
+    meta = read_saved_config(
+        directory, (CONFIG_FILE, WEIGHTS_FILE), _SAVE_FORMAT, "phase-1 model",
+        f"pass the {artifacts.W2V1}/ folder (or the output_dir) of a finished phase-1 run",
+    )
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) < 2:
         raise SerInputError(f"{config_path}: 'classes' must list at least two class names")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -27,7 +26,12 @@ import torch
 from torch import nn
 
 from ser.atomic import atomic_write_json
-from ser.checkpoints import fairseq_model_options, safe_torch_load, save_state_dict
+from ser.checkpoints import (
+    fairseq_model_options,
+    read_saved_config,
+    safe_torch_load,
+    save_state_dict,
+)
 from ser.errors import SerInputError
 
 logger = logging.getLogger(__name__)
@@ -449,19 +453,10 @@ def save_wav2vec1(model: Wav2Vec1Model, directory: str | os.PathLike[str]) -> Pa
 
 def _load_saved(directory: Path) -> Wav2Vec1Model:
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
-        raise SerInputError(
-            f"wav2vec 1.0 model directory {directory} lacks {CONFIG_FILE} or {WEIGHTS_FILE}; "
-            "pass a directory written by save_wav2vec1, a fairseq .pt file or a preset name"
-        )
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SerInputError(f"{config_path} is not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != _SAVE_FORMAT:
-        raise SerInputError(
-            f'{config_path} is not a saved wav2vec 1.0 config (expected "format": "{_SAVE_FORMAT}")'
-        )
+    meta = read_saved_config(
+        directory, (CONFIG_FILE, WEIGHTS_FILE), _SAVE_FORMAT, "wav2vec 1.0 model",
+        "pass a directory written by save_wav2vec1, a fairseq .pt file or a preset name",
+    )
     if not isinstance(meta.get("config"), dict):
         raise SerInputError(f"{config_path}: field 'config' must be an object")
     config = Wav2Vec1Config.from_json_dict(meta["config"], str(config_path))
