@@ -223,9 +223,11 @@ def build_trainer(
         filename="{epoch}-{step}",
         monitor=monitor,
         mode=mode,
-        # Without a monitor only last.ckpt is kept: a "latest" file beside it would double the
-        # disk a 20,000-step run rewrites at every checkpoint.
-        save_top_k=config.save_top_k if monitor else 0,
+        # Step-based stages without a monitor keep only last.ckpt: a "latest" file beside it
+        # would double the disk a 20,000-step run rewrites at every checkpoint. Epoch-based ones
+        # (fine-tuning without Val) need one: Lightning writes last.ckpt at an epoch's end only
+        # when it saved another checkpoint there.
+        save_top_k=config.save_top_k if monitor else (0 if every_n_train_steps else 1),
         save_last=True,
         every_n_train_steps=every_n_train_steps,
     )

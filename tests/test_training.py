@@ -71,14 +71,25 @@ def _loader() -> DataLoader:
     return DataLoader(data, batch_size=2)
 
 
-def _train(output: Path, stop_at: int | None) -> _Toy:
+def _train(output: Path, stop_at: int | None, by_epoch: bool = False) -> _Toy:
     torch.manual_seed(0)
     module = _Toy(stop_at)
-    trainer = build_trainer(
-        TrainingConfig(), output, max_steps=10, every_n_train_steps=4, enable_validation=False
-    )
+    steps = {"max_epochs": 3} if by_epoch else {"max_steps": 10, "every_n_train_steps": 4}
+    trainer = build_trainer(TrainingConfig(), output, enable_validation=False, **steps)
     fit(trainer, module, output, train_dataloaders=_loader())
     return module
+
+
+def test_an_epoch_based_run_without_validation_resumes_from_its_last_epoch(
+    tmp_path: Path,
+) -> None:
+    # Fine-tuning on IEMOCAP's folds: no Val split, so no monitored checkpoint; each epoch end
+    # still leaves a resume point.
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(tmp_path, stop_at=9, by_epoch=True)  # 4 steps an epoch: dies in epoch 2
+    last = last_checkpoint(tmp_path)
+    assert last is not None and torch.load(last, weights_only=True)["global_step"] == 8
+    assert _train(tmp_path, None, by_epoch=True).steps_run == 4  # only the last epoch again
 
 
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path) -> None:
