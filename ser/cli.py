@@ -205,7 +205,12 @@ def entry_main(name: str, argv: Sequence[str] | None = None) -> int:
         config = resolve_recipe(parsed)
         config.check()  # every value, before any import of the heavy machinery or any work
         _join_or_launch(config, name, argv)
-        return entry.job(config)
+        try:
+            return entry.job(config)
+        finally:
+            from ser import distributed
+
+            distributed.stop()
 
     return run_cli(job, name)
 

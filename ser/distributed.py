@@ -14,6 +14,7 @@ SLURM); none found means one process.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -97,6 +98,7 @@ def start(accelerator: str = "auto") -> World:
             _backend(accelerator), rank=environment.global_rank(),
             world_size=environment.world_size(),
         )  # fmt: skip
+        atexit.register(stop)  # also when the work ends in an error
     here = world()
     # srun gives each task its own cores already; torchrun's ranks share the machine's.
     set_threads(1 if isinstance(environment, SLURMEnvironment) else here.local_size)
@@ -104,6 +106,13 @@ def start(accelerator: str = "auto") -> World:
     if not here.is_zero:  # one rank tells people what happened; the others only warn
         logging.getLogger("ser").setLevel(logging.WARNING)
     return here
+
+
+def stop() -> None:
+    """Leave the process group (every rank, once its work is done): gloo's threads must be
+    joined before the interpreter exits, or the process aborts on its way out."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _backend(accelerator: str) -> str:
