@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= data/demo
 # Off this project's machines, a CPU-only torch: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
@@ -21,9 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# With no datadir, the first command builds the demo corpus in data/demo (ser.data.default_corpus).
 demo: $(STAMP)
-	$(MLFLOW_RUN) -e demo_corpus -P output_dir=$(DEMO_DIR)
-	$(MLFLOW_RUN) -e ptapt -P datadir=$(DEMO_DIR)/Audio_16k -P labeldir=$(DEMO_DIR)/labels
+	$(MLFLOW_RUN) -e ptapt
 	@echo
 	@echo "Runs are tracked in $(MLFLOW_TRACKING_URI). To browse and compare them:"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"

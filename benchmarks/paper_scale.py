@@ -873,7 +873,7 @@ def analyse(args: argparse.Namespace, plan: Plan, results: Mapping[str, dict[str
         if e:
             lines.append(f"- {stage} {kind}: {e['count']} run(s) over {e['items']} utterances "
                          f"in {fmt_s(e['seconds'])} ({e['s_per_audio_s']:.3f} s per second of "
-                         "audio, one utterance at a time).")
+                         "audio).")
     untimed = sorted({key for res in results.values() for key in res.get("untimed", [])})
     if untimed:
         lines.append(f"- not timed (ser no longer has the function they wrapped; their time "

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
@@ -47,6 +47,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def atomic_write_stream(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], object]
+) -> None:
+    """``write`` into a file beside ``path``, made durable, then renamed onto ``path``.
+
+    The file is flushed and fsynced before the rename and the directory after it: without the
+    first, a crash of the machine (not only of the process) can leave ``path`` renamed yet
+    empty on disk; without the second, the rename itself may not survive it.
+    """
+    target = Path(path)
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(target.parent)
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename or removal in ``directory`` durable (POSIX: fsync the directory itself)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -88,3 +114,25 @@ def restore_dir(target: str | os.PathLike[str]) -> None:
         old.rename(target)
     for stale in (partial, old):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def temp_files_beside(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Inside: ``tempfile``'s default folder is ``.<name>.scratch`` beside ``target``.
+
+    For libraries that stage copies in ``TMPDIR`` (MLflow's ``log_model`` copies the whole model
+    there): a kill would orphan the copy in ``TMPDIR``, in memory on a tmpfs. Beside ``target``
+    it lands on the disk that holds the model anyway, and the next call removes what a killed
+    one left. One writer of ``target`` at a time, as for ``target`` itself.
+    """
+    target = Path(target)
+    scratch = target.with_name(f".{target.name}.scratch")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)

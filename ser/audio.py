@@ -46,6 +46,10 @@ PROBLEM_KINDS: dict[str, tuple[str, str]] = {
         "for IEMOCAP run `ser-prepare-iemocap`; otherwise convert each file, "
         f"e.g. `sox in.wav -r {SAMPLE_RATE} out.wav`",
     ),
+    "non_finite": (
+        "holding NaN or infinite samples (training on them makes every weight NaN)",
+        "re-export the file(s) from their source, or remove them from the label file",
+    ),
     "multichannel": (
         "not mono",
         "pass `--downmix` to average the channels, or convert to mono, "
@@ -61,6 +65,7 @@ class AudioHeader:
     frames: int
     sample_rate: int
     channels: int
+    subtype: str = "PCM_16"  # soundfile's sample format: PCM_16, FLOAT, DOUBLE...
 
 
 class AudioProblems:
@@ -134,7 +139,23 @@ def read_header(path: PathLike) -> AudioHeader:
         info = sf.info(str(file))
     except (sf.SoundFileError, RuntimeError) as err:
         raise _unreadable(file, err) from err
-    return AudioHeader(frames=info.frames, sample_rate=info.samplerate, channels=info.channels)
+    return AudioHeader(frames=info.frames, sample_rate=info.samplerate, channels=info.channels,
+                       subtype=info.subtype)
+
+
+# Only floating-point samples can be NaN or infinite: integer PCM (IEMOCAP's, and the demo
+# corpus's) is never read for this check, so it costs nothing on the usual corpora.
+FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+
+
+def non_finite_samples(path: PathLike, header: AudioHeader) -> int:
+    """How many samples of a floating-point file are NaN or infinite (0 for integer PCM)."""
+    if header.subtype not in FLOAT_SUBTYPES:
+        return 0
+    bad = 0
+    for block in sf.blocks(str(path), blocksize=1 << 20, dtype="float32", always_2d=True):
+        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+    return bad
 
 
 def read_audio(path: PathLike, *, downmix: bool = False) -> np.ndarray:
@@ -161,7 +182,8 @@ def read_audio(path: PathLike, *, downmix: bool = False) -> np.ndarray:
 
 
 def check_audio_files(paths: Iterable[PathLike], *, downmix: bool = False) -> dict[str, int]:
-    """Check many files from their headers only; return the number of samples per path.
+    """Check many files from their headers (and the samples of floating-point files, which
+    alone can be NaN or infinite); return the number of samples per path.
 
     Runs before any long job: every problem of every file is collected and raised as one
     SerInputError grouped by kind, so a user fixes the corpus in one go, not file by file.
@@ -183,6 +205,9 @@ def check_audio_files(paths: Iterable[PathLike], *, downmix: bool = False) -> di
             continue
         for kind, detail in header_problems(header, downmix=downmix):
             problems.add(kind, key, detail)
+        bad = non_finite_samples(path, header)
+        if bad:
+            problems.add("non_finite", key, f"{bad} of {header.frames * header.channels} samples")
         samples[key] = header.frames
     if problems:
         raise SerInputError(

@@ -99,8 +99,9 @@ def parse_config(
 def run_cli(job: Callable[[], object], name: str = "") -> int:
     """Run ``job``; a :class:`SerInputError` becomes one clear line naming the entry point
     ``name``, and exit status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # lists CPU variants it skips
+    from ser import console
+
+    console.configure()
     try:
         job()
     except SerInputError as err:
@@ -204,8 +205,12 @@ def entry_main(name: str, argv: Sequence[str] | None = None) -> int:
     def job() -> object:
         config = resolve_recipe(parsed)
         config.check()  # every value, before any import of the heavy machinery or any work
+        _check_machine(config)
         _join_or_launch(config, name, argv)
         try:
+            from ser.data.default_corpus import ensure_data
+
+            ensure_data(config, name)
             return entry.job(config)
         finally:
             from ser import distributed
@@ -213,6 +218,14 @@ def entry_main(name: str, argv: Sequence[str] | None = None) -> int:
             distributed.stop()
 
     return run_cli(job, name)
+
+
+def _check_machine(config: Any) -> None:
+    """The values only this machine can judge (devices are checked as processes start)."""
+    if hasattr(config, "num_workers"):
+        from ser import cores
+
+        cores.check_workers(config.num_workers)
 
 
 def _join_or_launch(config: Any, name: str, argv: Sequence[str] | None) -> None:
@@ -226,6 +239,8 @@ def _join_or_launch(config: Any, name: str, argv: Sequence[str] | None) -> None:
         if processes > 1:
             args = list(sys.argv[1:] if argv is None else argv)
             command = distributed.relaunch_command(processes, [_script(name), *args])
+            os.environ.update(distributed.relaunch_environment(
+                config.devices, processes, getattr(config, "num_workers", -1)))
             logging.getLogger(__name__).info(
                 "%s: devices=%s: starting %d processes with torchrun", name, config.devices,
                 processes,
@@ -233,7 +248,7 @@ def _join_or_launch(config: Any, name: str, argv: Sequence[str] | None) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os.execv(command[0], command)
-    distributed.start(accelerator)
+    distributed.start(accelerator, getattr(config, "num_workers", -1))
 
 
 def _script(name: str) -> str:

@@ -30,12 +30,12 @@ from lightning_fabric.plugins.environments import (
     TorchElasticEnvironment,
 )
 
+from ser import cores
 from ser.errors import SerInputError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-THREADS_VARIABLE = "SER_NUM_THREADS"  # threads per process, if you know better
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,14 @@ def world() -> World:
     return World(rank, rank % local_size, dist.get_world_size(), local_size)
 
 
-def start(accelerator: str = "auto") -> World:
-    """Join the launcher's process group (once), and give this process its share of the cores.
+def start(accelerator: str = "auto", num_workers: int = -1) -> World:
+    """Join the launcher's process group (once), and give this process its share of the cores
+    (``ser.cores``; ``num_workers``: its data-loading workers, -1 automatic).
 
-    Called by every entry point before any work; a no-op for one process."""
+    Called by every entry point before any work."""
     environment = cluster_environment()
     if environment is None or environment.world_size() < 2:
-        set_threads(1)
+        cores.set_threads(1, num_workers)
         return World()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", environment.main_address)
@@ -101,7 +102,8 @@ def start(accelerator: str = "auto") -> World:
         atexit.register(stop)  # also when the work ends in an error
     here = world()
     # srun gives each task its own cores already; torchrun's ranks share the machine's.
-    set_threads(1 if isinstance(environment, SLURMEnvironment) else here.local_size)
+    cores.set_threads(1 if isinstance(environment, SLURMEnvironment) else here.local_size,
+                      num_workers)
     log.info("rank %d of %d (%d on this machine) joined", here.rank, here.size, here.local_size)
     if not here.is_zero:  # one rank tells people what happened; the others only warn
         logging.getLogger("ser").setLevel(logging.WARNING)
@@ -118,25 +120,6 @@ def stop() -> None:
 def _backend(accelerator: str) -> str:
     gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return "nccl" if gpu else "gloo"
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and SLURM set)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def set_threads(processes: int) -> int:
-    """torch's intra-op threads: this process's share of the cores among ``processes`` on the
-    machine (torch's default, every core, makes two processes thrash each other's caches and
-    spin on each other's cores). ``SER_NUM_THREADS`` overrides it."""
-    text = os.environ.get(THREADS_VARIABLE, "")
-    threads = int(text) if text.isdigit() and int(text) > 0 else usable_cores() // processes
-    threads = max(threads, 1)
-    torch.set_num_threads(threads)
-    return threads
 
 
 def is_zero() -> bool:
@@ -202,8 +185,13 @@ def requested_processes(accelerator: str, devices: str) -> int:
         return max(gpus, 1)
     if text == "-1":
         return gpus or 1
-    count = len(text.split(",")) if "," in text else int(text)
-    available = gpus or usable_cores()
+    ids = device_ids(text)
+    if ids is not None and gpus and max(ids) >= gpus:
+        raise SerInputError(
+            f"devices={devices!r}: this machine has GPUs 0 to {gpus - 1}; pass ids among them"
+        )
+    count = len(ids) if ids is not None else int(text)
+    available = gpus or cores.usable_cores()
     if count > available:
         what = f"{gpus} GPU(s)" if gpus else f"{available} usable CPU core(s)"
         raise SerInputError(
@@ -212,9 +200,28 @@ def requested_processes(accelerator: str, devices: str) -> int:
     return count
 
 
+def device_ids(devices: str) -> list[int] | None:
+    """The device ids of ``devices`` when it lists them (``"0,1"``, ``"2,"``), else None."""
+    text = str(devices).replace(" ", "")
+    return [int(part) for part in text.split(",") if part] if "," in text else None
+
+
 def relaunch_command(processes: int, argv: Sequence[str]) -> list[str]:
     """The command that runs this entry point again as ``processes`` ranks under torchrun."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={processes}", *argv,
     ]  # fmt: skip
+
+
+def relaunch_environment(devices: str, processes: int, num_workers: int) -> dict[str, str]:
+    """What the ranks of :func:`relaunch_command` need beyond this environment: the GPUs a list
+    of ids names (rank i then uses the i-th of them), and their share of the cores (torchrun
+    would otherwise give each rank one thread). A variable the user set is kept."""
+    wanted: dict[str, str] = {}
+    ids = device_ids(devices)
+    if ids is not None and torch.cuda.is_available():
+        wanted["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+    wanted["OMP_NUM_THREADS"] = str(
+        cores.torch_threads(processes, cores.loader_workers(num_workers, processes)))
+    return {name: value for name, value in wanted.items() if name not in os.environ}

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ser.atomic import atomic_write_text
 from ser.cli import ENTRY_POINTS as _ENTRIES
 
 # entry point -> its config class (each runs entrypoints/<name>.py)
@@ -72,7 +73,7 @@ def render() -> str:
 
 def main() -> None:
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("MLproject")
-    target.write_text(render())
+    atomic_write_text(target, render())  # mlflow run never reads a half-written MLproject
     print(f"wrote {target}")
 
 

@@ -105,9 +105,10 @@ def _run_tracked(
     output_dir = Path(plan.local.output_dir)
     tags = {tracking.TAG_KEY: plan.key, tracking.TAG_METHOD: method,
             tracking.TAG_OUTPUT_DIR: str(output_dir)}  # fmt: skip
-    with tracking.stage_run(stage.name, tags, nested) as run:
+    params = {**dataclasses.asdict(config), "output_dir": str(output_dir)}
+    # A run of this key left RUNNING by a killed process is continued: same run, same output_dir.
+    with tracking.stage_run(stage.name, tags, nested, params=params) as run:
         run_id = run.info.run_id
-        tracking.log_params({**dataclasses.asdict(config), "output_dir": str(output_dir)})
         tracking.set_tags({tracking.TAG_FINGERPRINT: plan.data_print})
         logged = dataclasses.replace(
             context, logger_factory=lambda fold: tracking.stage_logger(run_id, fold)
@@ -153,9 +154,14 @@ def _data_print(config: Any) -> str:
 
 
 def _reuse(stage: Stage, run: Any) -> StageOutcome:
-    run_id = run.info.run_id
-    log.info("%s: reusing finished run %s (same parameters, inputs and data)", stage.name, run_id)
-    tracking.set_tags({tracking.reused_tag(stage.name): run_id})
+    run_id, parent = run.info.run_id, tracking.active_run_id()
+    if parent is not None and run.data.tags.get(tracking.TAG_PARENT) == parent:
+        # A continued method run: this stage finished under it before its process was killed.
+        log.info("%s: already finished in run %s, under this method run", stage.name, run_id)
+    else:
+        log.info("%s: reusing finished run %s (same parameters, inputs and data)", stage.name,
+                 run_id)  # fmt: skip
+        tracking.set_tags({tracking.reused_tag(stage.name): run_id})
     output_dir = Path(run.data.tags.get(tracking.TAG_OUTPUT_DIR, ""))
     return StageOutcome(stage.name, run_id, True, output_dir)
 
@@ -229,9 +235,11 @@ def run_method(
     if not distributed.is_zero():  # rank 0 alone opens the method's run
         _run_stages(config, finetune_callbacks)
         return distributed.broadcast({})
-    # Under an active run (a search trial) the method run nests under it.
-    with tracking.stage_run(method, {tracking.TAG_METHOD: method}, nested=False):
-        tracking.log_params(dataclasses.asdict(config))
+    # Under an active run (a search trial) the method run nests under it. Its key lets a rerun
+    # after a kill continue it, so that every stage run of the method ends up under one run.
+    params = dataclasses.asdict(config)
+    tags = {tracking.TAG_METHOD: method, tracking.TAG_KEY: tracking.reuse_key(method, params, "")}
+    with tracking.stage_run(method, tags, nested=False, params=params):
         fine_tuned = _run_stages(config, finetune_callbacks)
         return distributed.broadcast(_method_headline(fine_tuned, config.register_as))
 

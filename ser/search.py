@@ -54,7 +54,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
-from ser import distributed, pipelines, recipes, tracking, training
+from ser import cores, pipelines, recipes, tracking, training
 from ser.config import METHOD_STAGES, parse_cluster_sets
 from ser.data.labels import LabelFile
 from ser.errors import SerInputError
@@ -546,7 +546,7 @@ def search(config: SearchConfig) -> SearchResult:
     """Run this worker's share of the study ``config`` names (see the module docstring)."""
     config = recipes.resolve(config)
     space, folds = check_config(config)
-    distributed.set_threads(config.workers_per_machine)
+    cores.set_threads(config.workers_per_machine, config.num_workers)
     settings = study_settings(config, folds)
     name = config.study_name or f"ser-{config.method}"
     url = config.storage or default_storage()

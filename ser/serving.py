@@ -19,6 +19,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, Schema
 
+from ser.atomic import temp_files_beside
 from ser.audio import read_audio
 from ser.errors import SerInputError
 
@@ -109,14 +110,17 @@ def log_model(model_dir: Path, classes: list[str], register_as: str = "") -> str
     import ser
     from ser import tracking
 
-    uri = tracking.log_pyfunc_model(
-        python_model=Path(__file__).with_name("pyfunc_model.py"),
-        artifacts={MODEL_ARTIFACT: model_dir},
-        code_paths=[Path(ser.__file__).parent],
-        requirements=requirements(),
-        signature=signature(classes),
-        input_example=input_example(),
-        register_as=register_as,
-    )
+    # MLflow copies the model into a temporary folder before logging it: beside the model, so
+    # that a kill cannot leave a model-sized copy in TMPDIR.
+    with temp_files_beside(model_dir):
+        uri = tracking.log_pyfunc_model(
+            python_model=Path(__file__).with_name("pyfunc_model.py"),
+            artifacts={MODEL_ARTIFACT: model_dir},
+            code_paths=[Path(ser.__file__).parent],
+            requirements=requirements(),
+            signature=signature(classes),
+            input_example=input_example(),
+            register_as=register_as,
+        )
     log.info("logged the fine-tuned model as %s", uri)
     return uri

@@ -5,24 +5,42 @@ very last step) and its reuse key matches: the stage, every parameter that chang
 the input URIs, and a fingerprint of the audio and label files' contents. A failed or killed
 run never carries the tag, so it is never reused; re-running the same command lands in the same
 output directory (named after the key) and resumes from its ``last.ckpt``.
+
+No run stays RUNNING after its command: an exception ends it FAILED; Ctrl-C, SIGTERM and a pruned
+trial end it KILLED. A process killed outright (SIGKILL, a power cut) cannot end its runs, so each
+run records who runs it (host, pid namespace, pid and that process's start time): a rerun of the
+same work *continues* such a dead run (same run id, params, metric history), or, where it cannot
+(other parameters, experiment or parent run), marks it KILLED with ``ser.replaced_by``; when a
+command's outermost run ends, every other dead run of this host is marked KILLED with
+``ser.ended_by``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.tracking.fluent import ActiveRun
+from mlflow.tracking.fluent import (  # private: the experiment start_run gives a new run
+    _get_experiment_id as experiment_of_new_runs,
+)
 from pytorch_lightning.loggers import MLFlowLogger
 
 from ser.errors import SerInputError
@@ -42,6 +60,13 @@ TAG_FINETUNE_RUN = "ser.finetune_run"  # on a method run: its (possibly reused) 
 TAG_PARENT = "mlflow.parentRunId"
 TRIAL_STAGE = "trial"  # ser.stage of a search trial run
 TAG_RESOLVED_PREFIX = "ser.resolved."  # a value the run used where `mlflow run` logged another
+# Who runs a run, so that a RUNNING run whose process is gone can be told from a live one.
+TAG_HOST = "ser.host"
+TAG_PID_NAMESPACE = "ser.pid_namespace"  # containers sharing a host name have their own pids
+TAG_PID = "ser.pid"
+TAG_PID_START = "ser.pid_start"  # so that another process given the same pid is not taken for it
+TAG_REPLACED_BY = "ser.replaced_by"  # on a dead run that a rerun of its work could not continue
+TAG_ENDED_BY = "ser.ended_by"  # on any other dead run: the run of the command that ended it
 
 # Parameters that change where or how fast a stage runs, not what it computes.
 NOT_IN_KEY = frozenset({"output_dir", "num_workers", "accelerator", "devices", "force",
@@ -164,38 +189,248 @@ class StopRun(Exception):
     not FAILED, and none is marked complete, so none is reused."""
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the command is, so that its runs end KILLED; the process then exits
+    with status 143 as a terminated one does."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stage_run(
-    stage: str, tags: Mapping[str, str], nested: bool, run_name: str = ""
+    stage: str, tags: Mapping[str, str], nested: bool, run_name: str = "",
+    params: Mapping[str, Any] | None = None,
 ) -> Iterator[Run]:
-    """Start (or, for an ``mlflow run`` entry point, continue) the MLflow run of one stage."""
+    """Start the MLflow run of one stage (or method, trial, search) and log ``params`` on it.
+
+    With a reuse key in ``tags`` (``TAG_KEY``), a RUNNING run of the same stage and key whose
+    process died is continued instead (:func:`_open_run`). An ``mlflow run`` entry point logs
+    into the run ``mlflow run`` created. Around a command's outermost run, SIGTERM ends the runs
+    KILLED, and at its end the other dead runs of this host are ended (:func:`end_dead_runs`).
+    """
+    outermost = mlflow.active_run() is None
+    # `mlflow run` created the run for this entry point. The variable goes while it is open, or
+    # every nested start_run would resume this run instead of making a child.
+    entry_run = os.environ.pop("MLFLOW_RUN_ID", "") if outermost and not nested else ""
+    run_id = ""
+    try:
+        with _sigterm_ends_runs(outermost), contextlib.ExitStack() as lock:
+            lock.enter_context(_tidy_lock())
+            active, dead = _open_run(stage, tags, run_name, entry_run, params or {})
+            run_id = active.info.run_id
+            with active, _killed_on_stop():
+                _replace(stage, dead, run_id)
+                lock.close()  # the dead runs are settled: other processes may judge theirs
+                if params:
+                    log_params(params)
+                yield mlflow.get_run(run_id)
+    finally:
+        if entry_run:
+            os.environ["MLFLOW_RUN_ID"] = entry_run
+        if outermost and run_id:
+            end_dead_runs(run_id)
+
+
+def _open_run(
+    stage: str, tags: Mapping[str, str], run_name: str, entry_run: str,
+    params: Mapping[str, Any],
+) -> tuple[ActiveRun, list[tuple[Run, str]]]:
+    """The run to log into, and the dead runs of the same work it replaces, each with why it
+    does not continue them."""
+    dead = _dead_runs_of(stage, tags.get(TAG_KEY, ""))
+    mine = {**owner_tags(), TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags}
+    if entry_run:
+        why = "`mlflow run` made a new run"
+        return mlflow.start_run(run_id=entry_run, tags=mine), [(run, why) for run in dead]
+    nested = mlflow.active_run() is not None
+    reasons = [(run, _obstacle(run, params)) for run in dead]
+    heir = next((run for run, why in reasons if not why), None)
+    if heir is None:
+        return mlflow.start_run(run_name=run_name or stage, nested=nested, tags=mine), reasons
+    log.info("%s: continuing run %s, which %s left RUNNING", stage, heir.info.run_id,
+             _owner(heir))  # fmt: skip
+    others = [(run, why or "another run continued its work") for run, why in reasons
+              if run is not heir]  # fmt: skip
+    return mlflow.start_run(run_id=heir.info.run_id, nested=nested, tags=mine), others
+
+
+def _obstacle(run: Run, params: Mapping[str, Any]) -> str:
+    """Why this process cannot continue the dead ``run`` of its work ("" when it can): MLflow
+    refuses another value for a logged param, a continued run stays in its experiment, and
+    stage runs belong under the method run that made them."""
+    if run.info.experiment_id != experiment_of_new_runs():  # as start_run picks it
+        return "it is in another experiment"
     active = mlflow.active_run()
-    if active is None and os.environ.get("MLFLOW_RUN_ID") and not nested:
-        # `mlflow run` created the run for this entry point: log into it. The variable goes while
-        # it is open, or every nested start_run would resume this run instead of making a child.
-        run_id = os.environ.pop("MLFLOW_RUN_ID")
-        try:
-            with mlflow.start_run(run_id=run_id) as run, _killed_on_stop():
-                mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
-                yield mlflow.get_run(run.info.run_id)
-        finally:
-            os.environ["MLFLOW_RUN_ID"] = run_id
-        return
-    with (
-        mlflow.start_run(run_name=run_name or stage, nested=active is not None) as run,
-        _killed_on_stop(),
-    ):
-        mlflow.set_tags({TAG_STAGE: stage, TAG_COMMIT: git_commit(), **tags})
-        yield mlflow.get_run(run.info.run_id)
+    if run.data.tags.get(TAG_PARENT) != (active.info.run_id if active else None):
+        return "it is under another parent run"
+    texts = _param_texts(params)
+    if any(texts.get(name) != _unquoted(value) for name, value in run.data.params.items()):
+        return "its parameters differ"
+    return ""
+
+
+def _replace(stage: str, dead: list[tuple[Run, str]], run_id: str) -> None:
+    for run, why in dead:
+        _end_dead(run, {TAG_REPLACED_BY: run_id})
+        log.warning("%s: run %s, which %s left RUNNING, marked KILLED: replaced by run %s (%s)",
+                    stage, run.info.run_id, _owner(run), run_id, why)  # fmt: skip
 
 
 @contextlib.contextmanager
 def _killed_on_stop() -> Iterator[None]:
     try:
         yield
-    except StopRun:
+    except (StopRun, KeyboardInterrupt, SystemExit):
+        # Stopped, not broken: a pruned trial, Ctrl-C (inside `fit` Lightning turns it into
+        # SystemExit) or SIGTERM (Terminated).
         mlflow.end_run("KILLED")  # the run's own context then finds it ended and leaves it
         raise
+
+
+@contextlib.contextmanager
+def _sigterm_ends_runs(outermost: bool) -> Iterator[None]:
+    """While the command's outermost run is open, SIGTERM raises :class:`Terminated` (Python's
+    default is to die on the spot, runs RUNNING). Left alone where someone else handles SIGTERM,
+    or off the main thread, where no handler can be set."""
+    main = threading.current_thread() is threading.main_thread()
+    if not (outermost and main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        yield
+        return
+    owner = os.getpid()
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        if os.getpid() != owner:  # a forked child (a data loader worker): die as by default
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        log.warning("SIGTERM: ending this command's MLflow runs as KILLED")
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# --- who runs a run: a RUNNING run whose process is gone -----------------------------------------
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot: field 22 of /proc/<pid>/stat); None
+    when no such process exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # after the name, which may hold spaces and ')'
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process, recorded on every run it starts or continues."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    pid = os.getpid()
+    return {TAG_HOST: socket.gethostname(), TAG_PID_NAMESPACE: namespace, TAG_PID: str(pid),
+            TAG_PID_START: _process_start(pid) or ""}  # fmt: skip
+
+
+def is_dead(run: Run) -> bool:
+    """Whether the process that runs ``run`` is known to be gone: it ran on this host (and pid
+    namespace) and no process with its pid and start time exists.
+
+    A run started on another host is never judged dead: its process may be alive where this one
+    cannot see it (a search's parallel workers, two users sharing a server). Nor is one without
+    these tags (made before ser recorded them), nor any on a system without /proc.
+    """
+    tags, here = run.data.tags, owner_tags()
+    if not here[TAG_PID_START] or not tags.get(TAG_PID, "").isdigit():
+        return False
+    if any(tags.get(name) != here[name] for name in (TAG_HOST, TAG_PID_NAMESPACE)):
+        return False
+    return _process_gone(int(tags[TAG_PID]), tags.get(TAG_PID_START, ""))
+
+
+def _process_gone(pid: int, started: str) -> bool:
+    now = _process_start(pid)
+    if now is not None:
+        return now != started  # another process was given the pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process, which /proc hides (hidepid): alive
+        return False
+    return False
+
+
+def _owner(run: Run) -> str:
+    tags = run.data.tags
+    return f"process {tags.get(TAG_PID, '?')} on {tags.get(TAG_HOST, '?')} (now gone)"
+
+
+def _dead_runs_of(stage: str, key: str) -> list[Run]:
+    """RUNNING runs of ``stage`` with reuse key ``key`` whose process died, newest first."""
+    if not key:
+        return []
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=(
+            f"tags.`{TAG_STAGE}` = '{stage}' and tags.`{TAG_KEY}` = '{key}' "
+            f"and tags.`{TAG_HOST}` = '{socket.gethostname()}' and attributes.status = 'RUNNING'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return [run for run in runs if is_dead(run)]
+
+
+def end_dead_runs(by: str) -> None:
+    """Mark KILLED, tagged ``ser.ended_by=<by>``, every run of this host still RUNNING whose
+    process died, and which no rerun continued or replaced. Never raises: it runs as a command
+    ends, maybe with an exception of its own on the way out."""
+    try:
+        with _tidy_lock():
+            runs = mlflow.search_runs(
+                search_all_experiments=True, output_format="list",
+                filter_string=(f"attributes.status = 'RUNNING' and "
+                               f"tags.`{TAG_HOST}` = '{socket.gethostname()}'"),
+            )  # fmt: skip
+            for run in filter(is_dead, runs):
+                _end_dead(run, {TAG_ENDED_BY: by})
+                log.warning("%s: run %s, which %s left RUNNING, marked KILLED (no rerun "
+                            "continued it)", run.data.tags.get(TAG_STAGE, "?"), run.info.run_id,
+                            _owner(run))  # fmt: skip
+    except Exception as err:  # the tracking server gone: the next command tidies instead
+        log.warning("could not end the runs that dead processes left RUNNING: %s", err)
+
+
+def _end_dead(run: Run, tags: Mapping[str, str]) -> None:
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id, "KILLED")
+
+
+@contextlib.contextmanager
+def _tidy_lock() -> Iterator[None]:
+    """One process of this host at a time judges and settles dead runs of this tracking store,
+    so two reruns never both continue one dead run, nor one ends a run the other continues.
+    Only this host's processes judge this host's runs dead, so a lock on this host suffices."""
+    key = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"ser-runs-{key}.lock"
+    try:  # read-only: another user's lock file in /tmp can be locked, not written
+        handle = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def child_runs(run_id: str) -> list[Run]:
@@ -217,7 +452,7 @@ def log_params(params: Mapping[str, Any]) -> None:
     """
     run = mlflow.active_run()
     have = mlflow.get_run(run.info.run_id).data.params if run else {}
-    texts = {k: _param_text(v)[:6000] for k, v in params.items()}
+    texts = _param_texts(params)
     mlflow.log_params({k: v for k, v in texts.items() if k not in have})
     resolved = {k: v for k, v in texts.items() if k in have and _unquoted(have[k]) != v}
     if resolved:
@@ -227,6 +462,10 @@ def log_params(params: Mapping[str, Any]) -> None:
             ", ".join(sorted(resolved)), ", ".join(f"{k}={v}" for k, v in sorted(resolved.items())),
             TAG_RESOLVED_PREFIX,
         )
+
+
+def _param_texts(params: Mapping[str, Any]) -> dict[str, str]:
+    return {k: _param_text(v)[:6000] for k, v in params.items()}
 
 
 def _unquoted(text: str) -> str:

@@ -31,21 +31,25 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers import PretrainedConfig
 
-from ser import artifacts, distributed
+from ser import artifacts, cores, distributed
 from ser.atomic import atomic_write_json
 from ser.audio import check_audio_files
+from ser.checkpoint_io import CheckpointIO, resume_point
 from ser.config import PRECISIONS, SAMPLE_RATE, TrainingConfig
 from ser.data.labels import LabelFile, read_label_dir, read_label_file
-from ser.data.sampling import BucketBatchSampler
-from ser.errors import SerInputError
+from ser.data.sampling import BucketBatchSampler, ResumableLoader
+from ser.errors import SerInputError, TrainingDiverged
 from ser.models.backbones import write_model_json
+from ser.progress import TrainingProgress, progress_label
+from ser.resume import RandomState
 
 log = logging.getLogger(__name__)
 
 NUM_BUCKETS = 50
+POINTS_PER_CURVE = 500
 # Dynamic batches hold this many seconds of (padded) audio per 64 utterances of batch_size.
 SECONDS_PER_64 = 250
 
@@ -62,7 +66,8 @@ def load_folds(config: Any, classes: Iterable[str] | None = None) -> list[LabelF
     if not audio_dir.is_dir():
         raise SerInputError(
             f"datadir {audio_dir} is not a directory; pass the folder the label files' audio "
-            "paths are relative to (e.g. data/demo/Audio_16k)"
+            "paths are relative to, made by `mlflow run . -e demo_corpus` (data/demo/Audio_16k) "
+            "or `-e prepare_iemocap`"
         )
     wanted = list(classes) if classes else None
     if config.labelpath:
@@ -169,9 +174,11 @@ def stage_output_dir(config: TrainingConfig | Any, stage: str) -> Path:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """``last.ckpt`` of an earlier, interrupted run of the same stage in ``output_dir``."""
-    path = output_dir / artifacts.CHECKPOINTS / artifacts.LAST_CKPT
-    return path if path.is_file() else None
+    """The intact checkpoint to go on from in ``output_dir``: ``last.ckpt``, else the newest
+    other one (:func:`ser.checkpoint_io.resume_point`). Called by every rank: rank 0 alone
+    looks, since it may set damaged files aside, and tells the others."""
+    chosen = resume_point(output_dir / artifacts.CHECKPOINTS) if distributed.is_zero() else None
+    return distributed.broadcast(chosen)
 
 
 class _Checkpoint(ModelCheckpoint):
@@ -245,7 +252,8 @@ def build_trainer(
         max_epochs=max_epochs,
         accumulate_grad_batches=config.accumulate_grad_batches,
         gradient_clip_val=config.gradient_clip_val or None,
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[checkpoint, RandomState(), NonFiniteGuard(), *callbacks,
+                   TrainingProgress(progress_label(output_dir))],
         logger=logger,
         default_root_dir=output_dir,
         limit_val_batches=None if enable_validation else 0,
@@ -254,9 +262,13 @@ def build_trainer(
         num_sanity_val_steps=0,
         # Our BucketBatchSampler shards batches across ranks itself (equal counts per rank).
         use_distributed_sampler=False,
-        log_every_n_steps=1,
+        # At most ~500 points per curve: a 20,000-step run logging every step writes 20,000
+        # rows per metric to the tracking store, and a plot of them shows no more.
+        log_every_n_steps=max(1, max_steps // POINTS_PER_CURVE),
         deterministic=False,
         enable_model_summary=False,
+        # Each checkpoint written beside its target and renamed into place (ser.checkpoint_io).
+        plugins=[CheckpointIO()],
     )
 
 
@@ -299,31 +311,21 @@ def _check_processes(config: Any, here: distributed.World) -> None:
 
 # --------------------------------------------------------------------------- data and callbacks
 
-MAX_AUTO_WORKERS = 4
-
-
 def loader_options(config: Any) -> dict[str, Any]:
-    """``DataLoader`` arguments for ``config.num_workers`` (-1: chosen here).
-
-    Automatic: no worker process on a machine with two cores or fewer (a worker would take a
-    core from the training process itself), else half the cores, at most
-    :data:`MAX_AUTO_WORKERS`. Workers persist across epochs, so they start once per loader.
-    """
-    workers = config.num_workers
-    if workers < 0:  # this process's share of the machine's cores
-        cores = distributed.usable_cores() // distributed.world().local_size
-        workers = 0 if cores <= 2 else min(MAX_AUTO_WORKERS, cores // 2)
+    """``DataLoader`` arguments for ``config.num_workers`` (-1: ``ser.cores.loader_workers``
+    chooses). Workers persist across epochs, so they start once per loader."""
+    workers = cores.loader_workers(config.num_workers, distributed.world().local_size)
     return {"num_workers": workers, "persistent_workers": workers > 0}
-
 
 
 def dynamic_batch_loader(
     dataset: Dataset, lengths: Sequence[int], config: TrainingConfig | Any,
     collate_fn: Callable[[Sequence[dict[str, Any]]], dict[str, Any]],
-) -> DataLoader:
+) -> ResumableLoader:
     """Length-bucketed dynamic batches of RECIPE's 250 s of audio per 64 utterances of
     ``config.batch_size``, 50 buckets, lengths capped at ``maxseqlen``, closed by
-    ``config.dynamic_batch_rule`` (``"sum"``: the original's; see ``ser.data.sampling``)."""
+    ``config.dynamic_batch_rule`` (``"sum"``: the original's; see ``ser.data.sampling``);
+    resumable mid-epoch."""
     sampler = BucketBatchSampler(
         lengths,
         max_batch_samples=int(SECONDS_PER_64 * SAMPLE_RATE * config.batch_size / 64),
@@ -333,14 +335,17 @@ def dynamic_batch_loader(
         shuffle=True,
         seed=config.seed,
     )
-    return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn, **loader_options(config)
-    )
+    return ResumableLoader(dataset, sampler, collate_fn=collate_fn, **loader_options(config))
 
 
 class SetDatasetEpoch(Callback):
     """Lightning sets the sampler's epoch but not the dataset's, whose random crops depend on it:
-    without this every epoch would repeat its crops."""
+    without this every epoch would repeat its crops. (Needed for a plain ``DataLoader`` without
+    workers; a ``ResumableLoader`` gives the epoch with every index.)"""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed mid-epoch continues it without on_train_epoch_start.
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dataset = getattr(trainer.train_dataloader, "dataset", None)
@@ -362,6 +367,53 @@ class WriteModelJson(Callback):
         callback = trainer.checkpoint_callback
         if callback is not None and callback.dirpath and trainer.is_global_zero:
             write_model_json(callback.dirpath, self.config)
+
+
+class NonFiniteGuard(Callback):
+    """Stops a run whose loss or weights stop being finite, before it writes them anywhere.
+
+    A NaN weight never recovers, and a model made of them would otherwise be tested, exported,
+    marked complete and reused. Checked: the loss of every step (a stage may skip a step with a
+    non-finite loss, and 16-mixed's scaler does: only :data:`PATIENCE` in a row stop the run),
+    and every weight before each checkpoint is written and when training ends.
+    """
+
+    PATIENCE = 10
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        finite = loss is None or bool(torch.isfinite(loss.detach()).all())
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if self.in_a_row >= self.PATIENCE:
+            self._stop(trainer, f"the loss has not been finite for {self.in_a_row} steps in a row")
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._check_weights(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_weights(trainer, pl_module)
+
+    def _check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bad = [name for name, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            self._stop(trainer, f"{len(bad)} weight tensor(s) are no longer finite ({bad[0]}, ...)")
+
+    @staticmethod
+    def _stop(trainer: pl.Trainer, what: str) -> None:
+        where = Path(trainer.default_root_dir)
+        raise TrainingDiverged(
+            f"training in {where} stopped at step {trainer.global_step}: {what}. Nothing of it "
+            "is marked complete or exported. Lower lr, keep gradient_clip_val > 0, train in "
+            "32-bit, or check the audio"
+        )
 
 
 def skip_non_finite_step(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_check_audio_files_returns_samples_per_path(tmp_path: Path) -> None:
     assert check_audio_files([a, str(b)], downmix=True) == {str(a): 1234, str(b): 900}
 
 
-def test_check_audio_files_reads_headers_only(tmp_path: Path, monkeypatch) -> None:
+def test_check_audio_files_reads_only_headers_of_integer_pcm(tmp_path: Path, monkeypatch) -> None:
     path = _wav(tmp_path / "a.wav", np.zeros(1000, np.float32))
 
     def no_decoding(*args, **kwargs):
@@ -140,6 +141,48 @@ def test_check_audio_files_groups_every_problem(tmp_path: Path) -> None:
     assert "... and 2 more" in message
     assert message.count("->") == 5
     assert not any(str(path) in message for path in good)
+
+
+def _float_wav(path: Path, data: np.ndarray) -> Path:
+    sf.write(path, data, SAMPLE_RATE, subtype="FLOAT")
+    return path
+
+
+def test_check_audio_files_names_float_files_with_nan_or_inf_samples(tmp_path: Path) -> None:
+    clean = _float_wav(tmp_path / "clean.wav", _sine(220, 0.1, SAMPLE_RATE))
+    nan, inf = (_sine(220, 0.1, SAMPLE_RATE) for _ in range(2))
+    nan[[5, 700]] = np.nan
+    inf[-1] = -np.inf
+    paths = [clean, _float_wav(tmp_path / "nan.wav", nan), _float_wav(tmp_path / "inf.wav", inf)]
+    with pytest.raises(SerInputError) as info:
+        check_audio_files(paths)
+    message = str(info.value)
+    assert "holding NaN or infinite samples" in message and "2 file(s)" in message
+    assert f"{paths[1]} (2 of 1600 samples)" in message and f"{paths[2]} (1 of" in message
+    assert str(clean) not in message
+    assert check_audio_files([clean]) == {str(clean): 1600}
+
+
+def test_a_stage_refuses_nan_audio_before_training(corpus, tmp_path: Path) -> None:  # noqa: ANN001
+    from ser.config import FinetuneConfig
+    from ser.data.labels import read_label_file
+    from ser.stages import finetune
+
+    audio_dir = tmp_path / "audio"
+    shutil.copytree(corpus.audio_dir, audio_dir)
+    fold = read_label_file(corpus.label_files[0], audio_dir)
+    victim = audio_dir / sorted(fold.train)[0]
+    wav = read_audio(victim)
+    wav[100] = np.nan
+    victim.unlink()
+    _float_wav(victim, wav)
+    out = tmp_path / "out"
+    config = FinetuneConfig(datadir=str(audio_dir), labelpath=str(fold.path), output_dir=str(out),
+                            max_epochs=1)
+    with pytest.raises(SerInputError, match="NaN or infinite samples") as info:
+        finetune.run(config)
+    assert str(victim) in str(info.value)
+    assert not out.exists()
 
 
 def test_check_audio_files_downmix_accepts_stereo(tmp_path: Path) -> None:

@@ -179,26 +179,7 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(
 
     _run("tapt_pretrain.py", args, tracking_uri, tmp_path)
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == steps
-    runs = _runs()
-    complete = [r for r in runs if r.data.tags.get("ser.complete") == "true"]
-    assert len(runs) == 2 and len(complete) == 1  # the killed run, and the one that resumed
-    history = mlflow.MlflowClient().get_metric_history(complete[0].info.run_id, "fold_1-loss")
-    assert min(m.step for m in history) >= killed_at  # continued, did not start over
-
-
-@pytest.mark.parametrize(("cores", "processes", "threads"), [(2, 2, 1), (16, 2, 8), (2, 1, 2),
-                                                             (2, 4, 1)])
-def test_each_process_takes_its_share_of_the_cores(
-    cores: int, processes: int, threads: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from ser import distributed
-
-    monkeypatch.setattr(distributed, "usable_cores", lambda: cores)
-    monkeypatch.delenv(distributed.THREADS_VARIABLE, raising=False)
-    before = torch.get_num_threads()
-    try:
-        assert distributed.set_threads(processes) == threads == torch.get_num_threads()
-        monkeypatch.setenv(distributed.THREADS_VARIABLE, "3")
-        assert distributed.set_threads(processes) == 3
-    finally:
-        torch.set_num_threads(before)
+    (run,) = _runs()  # the killed run, continued: no second run, none left RUNNING
+    assert run.info.status == "FINISHED" and run.data.tags.get("ser.complete") == "true"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "fold_1-loss")
+    assert max(m.step for m in history) >= steps - 1  # its curve goes on to the planned end

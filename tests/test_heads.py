@@ -18,7 +18,8 @@ from ser.models.heads import FrameClusterHeads, LinearHead, UtteranceClassifier,
 
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
               "feat_proj_dropout": 0.0}
-# Layer norm in every conv layer: frames do not depend on padding (group norm's statistics do).
+# Layer norm in every conv layer: frames do not depend on padding (group norm's statistics do,
+# so in eval mode the classifier runs a group-norm conv stack per utterance).
 LAYER_NORM_CONVS = {"feat_extract_norm": "layer", "do_stable_layer_norm": True}
 
 
@@ -116,8 +117,10 @@ def test_classifier_masks_at_least_one_channel_span_per_utterance() -> None:
         assert model.draw_feature_mask(64, 768).any(dim=1).all()
 
 
-def test_padding_does_not_change_logits_in_eval_mode() -> None:
-    model = UtteranceClassifier(_backbone(**LAYER_NORM_CONVS), num_classes=4).eval()
+@pytest.mark.parametrize("convs", [{}, LAYER_NORM_CONVS], ids=["group-norm", "layer-norm"])
+def test_padding_does_not_change_logits_in_eval_mode(convs: dict[str, object]) -> None:
+    # Group norm: eval mode runs the conv feature encoder on each utterance's own samples.
+    model = UtteranceClassifier(_backbone(**convs), num_classes=4).eval()
     wav, mask = _batch([16000, 9000, 4800], seed=1)
     with torch.no_grad():
         batched = model(wav, mask)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ser.config import TrainingConfig
-from ser.errors import SerInputError
+from ser.errors import SerInputError, TrainingDiverged
 from ser.schedule import warmup_flat_decay, warmup_flat_decay_factor
 from ser.training import build_trainer, class_weights, fit, last_checkpoint, resolve_precision
 
@@ -112,3 +112,40 @@ def test_class_weights_are_normalised_inverse_frequencies() -> None:
     assert weights == pytest.approx([2 / 11, 6 / 11, 3 / 11])
     with pytest.raises(SerInputError, match=r"here has no utterance of class\(es\) \['c'\]"):
         class_weights(["a", "b"], ["a", "b", "c"], "here")
+
+
+class _Diverging(_Toy):
+    """Its loss turns NaN from ``nan_from`` on; ``skips``: it drops those steps' gradients, as
+    TAPT does, so the weights stay finite and only the run of NaN losses can stop it."""
+
+    def __init__(self, nan_from: int, skips: bool) -> None:
+        super().__init__()
+        self.nan_from, self.skips = nan_from, skips
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.nan_from else loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.skips and self.global_step >= self.nan_from:
+            optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(("skips", "stopped_at", "what"), [
+    (False, 4, "weight tensor"),  # NaN weights from step 3: refused before the step-4 checkpoint
+    (True, 13, "the loss has not been finite for 10 steps in a row"),
+])
+def test_a_run_whose_loss_or_weights_stop_being_finite_is_stopped(
+    tmp_path: Path, skips: bool, stopped_at: int, what: str
+) -> None:
+    torch.manual_seed(0)
+    module = _Diverging(nan_from=3, skips=skips)
+    trainer = build_trainer(TrainingConfig(), tmp_path, enable_validation=False, max_steps=20,
+                            every_n_train_steps=4)
+    with pytest.raises(TrainingDiverged, match=what) as raised:
+        fit(trainer, module, tmp_path, train_dataloaders=_loader())
+    assert f"stopped at step {stopped_at}" in str(raised.value)
+    saved = last_checkpoint(tmp_path)  # no checkpoint holds a NaN weight
+    assert saved is None or all(
+        torch.isfinite(t).all() for t in torch.load(saved, weights_only=True)["state_dict"].values()
+    )

@@ -3,9 +3,11 @@ the collate functions that pad them into batches.
 
 Training crops: each item is cut to at most ``max_samples`` at an offset drawn from a generator
 seeded by ``(seed, epoch, index)``, so a run is reproducible and each epoch sees other windows of
-long utterances. Call ``set_epoch`` every epoch. With ``DataLoader(persistent_workers=True)`` the
-workers keep their own copy of the dataset and never see ``set_epoch``: leave it off.
-Evaluation items are whole.
+long utterances; no global random state is used, so neither a worker's seed nor a resumed run's
+history changes a crop. The epoch is the one given with the index, ``dataset[EpochIndex(epoch,
+i)]`` (what ``ser.data.sampling.ResumableLoader`` asks for), else the one of ``set_epoch``.
+Workers keep their own copy of the dataset (persistent ones across epochs) and never see
+``set_epoch``: with workers, index with ``EpochIndex``. Evaluation items are whole.
 
 Every dataset has ``lengths`` (samples per item as ``__getitem__`` returns it) for
 ``ser.data.sampling.BucketBatchSampler``. Pass ``lengths`` (samples per file name) when the files
@@ -19,7 +21,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +42,13 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 Item = dict[str, Any]
+
+
+class EpochIndex(NamedTuple):
+    """An item index with the epoch whose training crop to cut."""
+
+    epoch: int
+    index: int
 
 
 class _AudioFiles(Dataset):
@@ -104,25 +113,29 @@ class _AudioFiles(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def _rng(self, index: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index])
 
     def _read(self, index: int) -> np.ndarray:
         return read_audio(self.audio_dir / self.names[index], downmix=self.downmix)
 
-    def _read_cropped(self, index: int) -> np.ndarray:
-        """The item's audio, with this epoch's training crop."""
+    def _read_cropped(self, index: int, epoch: int) -> np.ndarray:
+        """The item's audio, with ``epoch``'s training crop."""
         wav = self._read(index)
         if not self.crops:
             return wav
         if self.random_crop:
-            return crop(wav, self.max_samples, self._rng(index))
+            return crop(wav, self.max_samples, self._rng(index, epoch))
         return wav[: self.max_samples]
 
-    def _check_index(self, index: int) -> int:
+    def _locate(self, index: int | EpochIndex) -> tuple[int, int]:
+        """``(item, epoch)``: an ``EpochIndex`` brings its epoch, a plain index uses set_epoch's."""
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = index
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        return index % len(self)
+        return index % len(self), int(epoch)
 
 
 class AudioOnlyDataset(_AudioFiles):
@@ -149,9 +162,9 @@ class AudioOnlyDataset(_AudioFiles):
             lengths=lengths,
         )
 
-    def __getitem__(self, index: int) -> Item:
-        index = self._check_index(index)
-        wav = self._read_cropped(index)
+    def __getitem__(self, index: int | EpochIndex) -> Item:
+        index, epoch = self._locate(index)
+        wav = self._read_cropped(index, epoch)
         return {"input_values": torch.from_numpy(wav), "name": self.names[index]}
 
 
@@ -196,9 +209,9 @@ class UtteranceDataset(_AudioFiles):
         index_of = {label: i for i, label in enumerate(self.classes)}
         self.labels = [index_of[items[name]] for name in self.names]
 
-    def __getitem__(self, index: int) -> Item:
-        index = self._check_index(index)
-        wav = self._read_cropped(index)
+    def __getitem__(self, index: int | EpochIndex) -> Item:
+        index, epoch = self._locate(index)
+        wav = self._read_cropped(index, epoch)
         return {
             "input_values": torch.from_numpy(wav),
             "label": self.labels[index],
@@ -240,13 +253,13 @@ class FrameLabelDataset(_AudioFiles):
         self.frame_labels = [frame_labels[name] for name in self.names]
         self._warn_on_label_counts()
 
-    def __getitem__(self, index: int) -> Item:
-        index = self._check_index(index)
+    def __getitem__(self, index: int | EpochIndex) -> Item:
+        index, epoch = self._locate(index)
         wav = self._read(index)
         start = 0
         if self.crops and len(wav) > self.max_samples:
             last_frame = (len(wav) - self.max_samples) // FRAME_HOP
-            start = FRAME_HOP * int(self._rng(index).integers(0, last_frame + 1))
+            start = FRAME_HOP * int(self._rng(index, epoch).integers(0, last_frame + 1))
             wav = wav[start : start + self.max_samples]
         first, stop = crop_frames(start, len(wav))
         labels = [align_labels(seq[first:stop], stop - first) for seq in self.frame_labels[index]]

@@ -17,18 +17,29 @@ Dynamic batches close by one of two rules (``ser.config.DYNAMIC_BATCH_RULES``):
   (``count * longest``) exceed the budget, so the padded tensor never exceeds it (an item longer
   than the budget makes a batch of its own). Padding counts against the budget, so batches
   carry a little less audio than the original's.
+
+Resuming mid-epoch: the sampler's ``state_dict`` is its epoch and how many of that epoch's batches
+it has yielded; after ``load_state_dict`` the next iteration yields only the rest. Training
+iterates it through :class:`ResumableLoader`, whose state Lightning keeps in every checkpoint and
+hands back on a restart (Lightning skips no batch itself: it expects the loader to).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ser.config import DYNAMIC_BATCH_RULES
+from ser.data.datasets import EpochIndex
 from ser.errors import SerInputError
+
+log = logging.getLogger(__name__)
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
@@ -85,6 +96,11 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     ``drop_last`` drops the remainder: a last batch of fewer than ``batch_size`` items, or with
     dynamic batches the last batch of the greedy cut (the one that ran out of items).
+
+    Stateful: ``state_dict()`` is ``{"epoch", "batches_yielded", "num_replicas"}`` (this rank's
+    position in the epoch); after ``load_state_dict(state)`` the next iteration over that epoch
+    starts after its first ``batches_yielded`` batches. ``set_epoch`` to another epoch starts that
+    epoch from its first batch.
     """
 
     def __init__(
@@ -126,6 +142,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self._resume_at: int | None = None  # batches of self.epoch the next iteration skips
+        self._start = 0  # where the current iteration began in its epoch
+        self._yielded = 0  # batches of self.epoch yielded so far, skipped ones included
         # Stable sort: equal lengths keep dataset order, so shuffle=False is fully deterministic.
         order = np.argsort(self.lengths, kind="stable")
         self._buckets = np.array_split(order, min(num_buckets, len(order)))
@@ -143,7 +162,35 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` (seeded by ``(seed, epoch)``) from the next iteration on."""
-        self.epoch = int(epoch)
+        epoch = int(epoch)
+        if epoch != self.epoch:
+            # A resume point belongs to its own epoch; Lightning re-sets the loaded one unchanged.
+            self._resume_at, self._start, self._yielded = None, 0, 0
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """This rank's position: the epoch and how many of its batches were yielded so far."""
+        return {"epoch": self.epoch, "batches_yielded": self._yielded,
+                "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume at ``state``: the next iteration yields the rest of its epoch."""
+        done = int(state["batches_yielded"])
+        replicas = int(state.get("num_replicas", self.num_replicas))
+        if done < 0 or replicas < 1:
+            raise SerInputError(f"BucketBatchSampler: not a sampler state: {dict(state)}")
+        if replicas != self.num_replicas:
+            # Positions are per rank. Round down: a batch may repeat, none is skipped.
+            log.warning("resuming an epoch sharded over %d process(es) on %d: its batches are "
+                        "not replayed exactly", replicas, self.num_replicas)
+            done = done * replicas // self.num_replicas
+        self.epoch = int(state["epoch"])
+        self._resume_at, self._start, self._yielded = done, done, done
+
+    @property
+    def iteration_start(self) -> int:
+        """Batches of the epoch that the current (or pending) iteration skipped: a resume point."""
+        return self._start
 
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every rank's batches of one epoch, before sharding (default: the current epoch)."""
@@ -165,7 +212,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         return padding_fraction(self.global_batches(epoch), self.lengths)
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._rank_batches()
+        # A generator: the epoch is read at the first batch, after Lightning's set_epoch.
+        batches = self._rank_batches()
+        start = min(self._resume_at or 0, len(batches))
+        self._resume_at, self._start, self._yielded = None, start, start
+        for batch in batches[start:]:
+            self._yielded += 1
+            yield batch
 
     def __len__(self) -> int:
         return len(self._rank_batches())
@@ -229,6 +282,74 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches.append(batch)
         return batches
 
+
+class _EpochIndexed:
+    """The batches of a :class:`BucketBatchSampler`, each index paired with the batch's epoch.
+
+    Workers get a copy of the dataset when they start, and persistent ones keep it across
+    epochs, so an epoch set on the dataset in the main process never reaches them; carried with
+    each index, it decides the item's crop in whichever process loads it.
+    """
+
+    def __init__(self, sampler: BucketBatchSampler) -> None:
+        self._sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+    def __iter__(self) -> Iterator[list[EpochIndex]]:
+        for batch in self._sampler:
+            yield [EpochIndex(self._sampler.epoch, index) for index in batch]
+
+
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader`` over a :class:`BucketBatchSampler` that resumes mid-epoch.
+
+    Lightning keeps a training loader's ``state_dict`` in its loop state in every checkpoint
+    and, on a restart, calls ``load_state_dict`` before iterating it again; it expects the loader
+    to yield only the batches not yet trained on. The state is the sampler's, counted in batches
+    this loader delivered: with workers the sampler runs ahead by the batches being prefetched.
+
+    ``dataset[EpochIndex(epoch, i)]`` is what the workers are asked for (see
+    :class:`_EpochIndexed`). ``generator`` defaults to one seeded by the sampler's seed: each
+    iteration draws the workers' base seed from it, and drawn from torch's global generator it
+    would shift every later draw of a resumed run (which iterates once more than an
+    uninterrupted one) against the uninterrupted run's.
+    """
+
+    def __init__(self, dataset: Dataset, batch_sampler: BucketBatchSampler, **options: Any) -> None:
+        options.setdefault("generator", torch.Generator().manual_seed(batch_sampler.seed))
+        super().__init__(dataset, batch_sampler=batch_sampler, **options)
+        # (epoch, batches of it delivered) after the last batch handed out by this loader
+        self._position: tuple[int, int] | None = None
+
+    @property
+    def _index_sampler(self) -> _EpochIndexed:  # what DataLoader iterators draw indices from
+        return _EpochIndexed(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._position = None
+        return self._deliver()
+
+    def _deliver(self) -> Iterator[Any]:
+        # A generator: the workers start, and the sampler reads its epoch, at the first batch.
+        # Lightning calls iter() before set_epoch when it resumes; started then, workers would
+        # prefetch from the epoch the sampler was at.
+        sampler = self.batch_sampler
+        for delivered, batch in enumerate(super().__iter__(), start=1):
+            self._position = (sampler.epoch, sampler.iteration_start + delivered)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        state = self.batch_sampler.state_dict()
+        # Nothing of the sampler's current epoch delivered yet: its own position is the one.
+        if self._position is not None and self._position[0] == state["epoch"]:
+            state["batches_yielded"] = self._position[1]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
+        self._position = None
 
 def _validate(
     lengths: Sequence[int],

@@ -221,6 +221,8 @@ def save_backbone(
     beside it, then renamed into place (an existing directory is replaced only then)."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*"):  # what a killed save left
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(staging)

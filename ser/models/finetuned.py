@@ -9,11 +9,13 @@ Fine-tuning (``ser.stages.finetune``) exports one run's checkpoint here; serving
       model.json     classes, sample rate, evaluation batch size, where it came from; written
                      last, so a directory with one is complete
 
-Evaluation batches: with a group-norm feature encoder (wav2vec2-base, the ``tiny`` preset) an
-utterance's logits change when it is padded in a batch, because the first conv layer normalises
-over the whole padded time axis, so such models read one utterance at a time, as the original
-does. With a layer-norm feature encoder (wav2vec2-large) padded batches give the same logits
-(tests/test_stage_finetune.py shows both), and utterances go :data:`EVAL_BATCH_SIZE` at a time.
+Evaluation batches: every model reads :data:`EVAL_BATCH_SIZE` utterances at a time (sorted by
+length), and an utterance's logits are those it gets alone, as the original evaluated it. With a
+group-norm feature encoder (wav2vec2-base, the ``tiny`` preset) the first conv layer would
+normalise over the whole padded time axis, so in eval mode the classifier runs its conv feature
+encoder on each utterance's own samples and only the rest of the backbone batched
+(``ser.models.heads.UtteranceClassifier.features``; tests/test_eval_batching.py). Directories
+exported before this say ``eval_batch_size`` 1 in model.json; they load and batch the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2Config
 
 from ser import artifacts
 from ser.atomic import atomic_path, atomic_write_json
@@ -39,13 +40,12 @@ from ser.models.heads import UtteranceClassifier
 
 MODEL_FORMAT = "ser-finetuned-classifier/1"
 HEAD_FILE = "head.pt"
-EVAL_BATCH_SIZE = 8  # utterances per evaluation batch when padding cannot change the logits
+EVAL_BATCH_SIZE = 8  # utterances per evaluation batch; padding does not change the logits
 
 
-def eval_batch_size(backbone_config: Wav2Vec2Config) -> int:
-    """Utterances per evaluation batch: 1 unless padding cannot change the logits (see the
-    module docstring)."""
-    return EVAL_BATCH_SIZE if backbone_config.feat_extract_norm == "layer" else 1
+def eval_batch_size() -> int:
+    """Utterances per evaluation batch, for every feature encoder (see the module docstring)."""
+    return EVAL_BATCH_SIZE
 
 
 
@@ -67,7 +67,7 @@ def export_model(
         "backbone": artifacts.BACKBONE,
         "head": HEAD_FILE,
         "sample_rate": SAMPLE_RATE,
-        "eval_batch_size": eval_batch_size(classifier.backbone.config),
+        "eval_batch_size": eval_batch_size(),  # what predict batches; the logits do not vary
         "source": dict(source),
         "rebuild": "ser.models.finetuned.load_finetuned('<this directory>') -> (model, classes);"
                    " ser.models.finetuned.predict(model, wavs) -> (class indices, probabilities)",
@@ -115,7 +115,7 @@ def predict(
     model: UtteranceClassifier, wavs: Sequence[np.ndarray | torch.Tensor]
 ) -> tuple[list[int], np.ndarray]:
     """Class indices (``classes[i]`` names them) and probabilities ``[N, classes]`` of 16 kHz
-    mono waveforms, each evaluated whole, batched only where padding cannot change the result."""
+    mono waveforms, each evaluated whole and batched, with the probabilities it gets alone."""
     tensors = [torch.as_tensor(np.asarray(w), dtype=torch.float32) for w in wavs]
     bad = [i for i, t in enumerate(tensors) if t.dim() != 1 or len(t) < MIN_SAMPLES]
     if bad:
@@ -126,7 +126,7 @@ def predict(
     num_classes = model.output.out_features
     probs = np.zeros((len(tensors), num_classes), dtype=np.float32)
     order = sorted(range(len(tensors)), key=lambda i: len(tensors[i]))  # little padding
-    batch = eval_batch_size(model.backbone.config)
+    batch = eval_batch_size()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

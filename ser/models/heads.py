@@ -55,12 +55,61 @@ def frozen_features(
     (True on valid frames) from the sample-level ``attention_mask`` (None: all valid)."""
     with torch.no_grad():
         features = backbone.feature_extractor(input_values).transpose(1, 2)
-        hidden, _ = backbone.feature_projection(features)
+        hidden = project_features(backbone, features)
     if attention_mask is None:
         frame_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     else:
         frame_mask = backbone._get_feature_vector_attention_mask(hidden.shape[1], attention_mask)
     return hidden, frame_mask.bool()
+
+
+def project_features(backbone: Wav2Vec2Model, features: torch.Tensor) -> torch.Tensor:
+    """The feature projection of conv features ``[B, T, C]``: ``[B, T, D]``."""
+    projected = backbone.feature_projection(features)
+    # wav2vec2, WavLM and data2vec-audio return (projected, normed input); HuBERT the tensor.
+    return projected[0] if isinstance(projected, tuple) else projected
+
+
+def feature_encoder_sees_padding(backbone: Wav2Vec2Model) -> bool:
+    """Whether the conv feature encoder normalises over time (GroupNorm, ``feat_extract_norm
+    "group"``: wav2vec2-base, the ``tiny`` preset), so that padding changes valid frames.
+    Read off the modules rather than the config, which not every wav2vec2-like model has."""
+    return any(isinstance(m, nn.GroupNorm) for m in backbone.feature_extractor.modules())
+
+
+def encoder_ignores_padding(backbone: Wav2Vec2Model) -> bool:
+    """Whether the transformer encoder gives valid frames the same output whatever padding
+    follows them under its frame mask. transformers' encoders zero padded frames before the
+    positional conv embedding and mask them out of attention; that suffices for a single conv
+    (wav2vec2, HuBERT, WavLM), not for a stack of them (data2vec-audio: the first conv's output
+    on padded frames is not zero and reaches valid frames through the next). An encoder with
+    no ``pos_conv_embed`` is not assumed to ignore padding."""
+    positional = getattr(backbone.encoder, "pos_conv_embed", None)
+    if positional is None:
+        return False
+    return sum(isinstance(m, nn.Conv1d) for m in positional.modules()) == 1
+
+
+def utterance_features(
+    backbone: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`frozen_features`, but the conv feature encoder runs on each utterance's own
+    samples (``attention_mask``: valid samples first, as ``collate_audio`` pads), so that its
+    frames are those of the utterance alone whatever the encoder's norm. The frames are then
+    padded with zeros to the padded batch's frame count and projected together."""
+    frames = int(backbone._get_feat_extract_output_lengths(torch.tensor(input_values.shape[1])))
+    frame_mask = backbone._get_feature_vector_attention_mask(frames, attention_mask).bool()
+    samples, counts = attention_mask.sum(-1).tolist(), frame_mask.sum(-1).tolist()
+    with torch.no_grad():
+        rows = {i: backbone.feature_extractor(input_values[i : i + 1, :n])[0].T
+                for i, n in enumerate(samples) if counts[i] > 0}  # [frames_i, C] each
+        if not rows:  # no utterance long enough for one frame: as the padded batch would go
+            return frozen_features(backbone, input_values, attention_mask)
+        first = next(iter(rows.values()))
+        features = first.new_zeros(len(samples), frames, first.shape[1])
+        for i, row in rows.items():
+            features[i, : len(row)] = row
+        return project_features(backbone, features), frame_mask
 
 
 def ensure_mask_embedding(backbone: Wav2Vec2Model) -> nn.Parameter:
@@ -126,9 +175,13 @@ class UtteranceClassifier(nn.Module):
     ``feature_min_masks`` spans per utterance; the original: 1) of ``feature_mask_span``
     channels (default: :func:`feature_span`, 64 on wav2vec2-base).
 
-    Padding does not change an utterance's logits in eval mode when the backbone's feature
-    encoder uses layer norm; with wav2vec2-base's group norm ("group") it does slightly,
-    because that norm's statistics run over the padded time axis (a transformers property).
+    In eval mode padding does not change an utterance's logits, so evaluation may batch: where
+    the conv feature encoder normalises over time (wav2vec2-base's group norm, whose statistics
+    would run over the padded time axis), it runs on each utterance alone
+    (:func:`utterance_features`) and the rest of the backbone batched under the frame mask (or
+    also one utterance at a time where the encoder does not ignore padding:
+    :func:`encoder_ignores_padding`). In training the padded batch goes through the group norm,
+    as the original trained.
     """
 
     def __init__(
@@ -180,6 +233,31 @@ class UtteranceClassifier(nn.Module):
         """Training channel masks ``[batch, channels]``, one row per utterance."""
         return feature_mask(batch, channels, *self.feature_mask)
 
+    def features(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected features ``[B, T, D]`` and frame mask ``[B, T]``; in eval mode those of
+        each utterance alone, whatever the batch's padding (see the class docstring)."""
+        if (not self.training and attention_mask is not None
+                and feature_encoder_sees_padding(self.backbone)):
+            return utterance_features(self.backbone, input_values, attention_mask)
+        return frozen_features(self.backbone, input_values, attention_mask)
+
+    def encode(self, hidden: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """The transformer encoder's output ``[B, T, D]``; in eval mode, with an encoder that
+        does not ignore padding (:func:`encoder_ignores_padding`), each utterance's alone (its
+        padded frames zero)."""
+        encoder = self.backbone.encoder
+        if self.training or encoder_ignores_padding(self.backbone):
+            return encoder(hidden, attention_mask=frame_mask).last_hidden_state
+        encoded = torch.zeros_like(hidden)
+        for i, n in enumerate(frame_mask.sum(1).tolist()):
+            if n == 0:  # an utterance shorter than one frame: nothing to encode
+                continue
+            encoded[i, :n] = encoder(hidden[i : i + 1, :n],
+                                     attention_mask=frame_mask[i : i + 1, :n]).last_hidden_state[0]
+        return encoded
+
     def forward(
         self,
         input_values: torch.Tensor,
@@ -187,7 +265,7 @@ class UtteranceClassifier(nn.Module):
         mask_time_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, num_classes]``. ``mask_time_indices`` overrides the drawn time masks."""
-        hidden, frame_mask = frozen_features(self.backbone, input_values, attention_mask)
+        hidden, frame_mask = self.features(input_values, attention_mask)
         if mask_time_indices is None and self.training and self.time_mask[0] > 0:
             mask_time_indices = self.draw_time_mask(frame_mask)
         if mask_time_indices is not None:
@@ -195,7 +273,7 @@ class UtteranceClassifier(nn.Module):
         if self.training and self.feature_mask[0] > 0:
             channels = self.draw_feature_mask(hidden.shape[0], hidden.shape[2])
             hidden = hidden.masked_fill(channels.to(hidden.device).unsqueeze(1), 0.0)
-        encoded = self.backbone.encoder(hidden, attention_mask=frame_mask).last_hidden_state
+        encoded = self.encode(hidden, frame_mask)
         pooled = masked_mean(torch.relu(encoded), frame_mask)
         return self.output(torch.relu(pooled))
 

@@ -29,7 +29,7 @@ Which model is exported: picking the run with the best *test* UA would select on
 The run with the best *validation* UA (at its tested checkpoint) is exported when the folds have
 a Val split; without one there is nothing to select on, and the first fold's first run is.
 
-Validation and test batch utterances only where padding cannot change the logits (see
+Validation and test batch utterances, each getting exactly the logits it gets alone (see
 ``ser.models.finetuned``); the summary and its text are ``ser.report``'s.
 
 The context's logger is asked once per run with ``"<fold>/run_<r>"``, its callbacks with the
@@ -91,7 +91,7 @@ from ser.atomic import atomic_write_json, atomic_write_text, replace_dir, restor
 from ser.config import SAMPLE_RATE, FinetuneConfig
 from ser.data.datasets import UtteranceDataset, collate_utterances
 from ser.data.labels import LabelFile
-from ser.data.sampling import BucketBatchSampler
+from ser.data.sampling import BucketBatchSampler, ResumableLoader
 from ser.errors import SerInputError
 from ser.metrics import Scores, score
 from ser.models.backbones import load_backbone, set_gradient_checkpointing, write_model_json
@@ -177,7 +177,9 @@ class FinetuneModule(pl.LightningModule):
 
     @property
     def eval_batch_size(self) -> int:
-        return eval_batch_size(self.model.backbone.config)
+        """Utterances per validation, test and predict batch: any size gives the logits each
+        utterance gets alone, since the classifier evaluates padding-free (eval mode)."""
+        return eval_batch_size()
 
     def forward(
         self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -274,8 +276,8 @@ def _loaders(
                              train=True, seed=seed, downmix=config.downmix)
     sampler = train_batch_sampler(config, train.lengths, seed)
     return _Loaders(
-        train=DataLoader(train, batch_sampler=sampler, collate_fn=collate_utterances,
-                         **training.loader_options(config)),
+        train=ResumableLoader(train, sampler, collate_fn=collate_utterances,
+                              **training.loader_options(config)),
         val=eval_loader(config, fold.val, classes, eval_batch) if fold.val else None,
         test=eval_loader(config, fold.test, classes, eval_batch),
         train_dataset=train,
@@ -312,8 +314,11 @@ def eval_loader(
     # Under data parallelism each rank evaluates its own share, never a padded one (no
     # utterance twice); FinetuneModule gathers the shares before scoring.
     order = distributed.shard(np.argsort(dataset.lengths, kind="stable").tolist())
+    # Its own generator: each iteration draws a base seed from it, and persistent workers make
+    # a resumed run iterate once more than an uninterrupted one (see ser.resume).
     return DataLoader(dataset, batch_size=batch_size, sampler=order,
-                      collate_fn=collate_utterances, **training.loader_options(config))
+                      collate_fn=collate_utterances, generator=torch.Generator(),
+                      **training.loader_options(config))
 
 
 # --------------------------------------------------------------------------- validation

@@ -50,7 +50,7 @@ from ser.checkpoints import safe_torch_load
 from ser.config import SAMPLE_RATE, Phase1Config
 from ser.data.datasets import UtteranceDataset, collate_utterances
 from ser.data.labels import LabelFile
-from ser.data.sampling import BucketBatchSampler
+from ser.data.sampling import BucketBatchSampler, ResumableLoader
 from ser.errors import SerInputError
 from ser.models.emotion_w2v1 import (
     EmotionWav2Vec1,
@@ -396,15 +396,16 @@ def _loaders(
         config.datadir, plan.valid, classes, downmix=config.downmix, lengths=samples
     )
     return (
-        DataLoader(
+        ResumableLoader(
             train,
-            batch_sampler=sampler,
+            sampler,
             collate_fn=collate_utterances,
             **training.loader_options(config),
         ),
-        DataLoader(
+        DataLoader(  # its own generator, as finetune.eval_loader's
             valid, batch_size=1, sampler=distributed.shard(range(len(valid))),
-            collate_fn=collate_utterances, **training.loader_options(config),
+            collate_fn=collate_utterances, generator=torch.Generator(),
+            **training.loader_options(config),
         ),
     )
 
