@@ -23,7 +23,10 @@ from ser.config import (
     CompareConfig,
     DemoCorpusConfig,
     MethodConfig,
+    PredictConfig,
+    PrepareEmoboxConfig,
     PrepareIemocapConfig,
+    ProbeMethodConfig,
     PtaptMethodConfig,
     SearchConfig,
     TaptMethodConfig,
@@ -131,10 +134,22 @@ def _prepare_iemocap(config: PrepareIemocapConfig) -> object:
     return prepare_iemocap(config)
 
 
+def _prepare_emobox(config: PrepareEmoboxConfig) -> object:
+    from ser.data.emobox import prepare_emobox
+
+    return prepare_emobox(config)
+
+
 def _compare(config: CompareConfig) -> object:
     from ser.compare import compare
 
     return compare(config)
+
+
+def _predict(config: PredictConfig) -> object:
+    from ser.predict import predict
+
+    return predict(config)
 
 
 def _search(config: Any) -> object:
@@ -174,6 +189,12 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         _prepare_iemocap,
         "Convert an IEMOCAP_full_release directory into 16 kHz wavs and session-wise label files.",
     ),
+    "prepare_emobox": EntryPoint(
+        PrepareEmoboxConfig,
+        _prepare_emobox,
+        "Convert one EmoBox corpus (its metadata and downloaded audio) into 16 kHz wavs and "
+        "its folds as label files, with Val carved from Train.",
+    ),
     **{
         name: EntryPoint(cls, _stage_job(name), description)
         for name, (cls, description) in STAGE_ENTRY_POINTS.items()
@@ -187,7 +208,17 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         _method_job,
         "P-TAPT: wav2vec 1.0 emotion model, k-means pseudo-labels, wav2vec 2.0, fine-tuning.",
     ),
+    "probe": EntryPoint(
+        ProbeMethodConfig,
+        _method_job,
+        "Probe: a softmax-weighted sum of the frozen backbone's layers into a linear classifier.",
+    ),
     "compare": EntryPoint(CompareConfig, _compare, "Compare finished method runs."),
+    "predict": EntryPoint(
+        PredictConfig,
+        _predict,
+        "Label every audio file of a folder, .csv or wav.scp with a fine-tuned model.",
+    ),
     "search": EntryPoint(
         SearchConfig,
         _search,
@@ -262,3 +293,11 @@ def demo_corpus_main(argv: Sequence[str] | None = None) -> int:
 
 def prepare_iemocap_main(argv: Sequence[str] | None = None) -> int:
     return entry_main("prepare_iemocap", argv)
+
+
+def prepare_emobox_main(argv: Sequence[str] | None = None) -> int:
+    return entry_main("prepare_emobox", argv)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    return entry_main("predict", argv)

@@ -26,7 +26,7 @@ from ser.tracking import TAG_METHOD, TAG_PARENT, TAG_STAGE, Run  # noqa: E402
 log = logging.getLogger(__name__)
 
 METRICS = ("UA", "WA", "F1")
-METHOD_ORDER = ("vft", "tapt", "ptapt")
+METHOD_ORDER = ("probe", "vft", "tapt", "ptapt")  # cheapest first: the frozen baseline
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _chosen_runs(config: CompareConfig) -> list[Run]:
         raise SerInputError(
             "no finished method run (tag ser.method, metric test_UA_mean) found"
             + (f" in experiment {config.experiment_name!r}" if config.experiment_name else "")
-            + "; run `mlflow run . -e vft` (or tapt, ptapt) first, or pass runs=ID,ID"
+            + "; run `mlflow run . -e vft` (or probe, tapt, ptapt) first, or pass runs=ID,ID"
         )
     return runs
 
@@ -78,7 +78,7 @@ def _get_run(run_id: str) -> Run:
     if "test_UA_mean" not in run.data.metrics:
         raise SerInputError(
             f"runs: run {run_id} has no test_UA_mean metric; pass the parent run of a method "
-            "(vft, tapt, ptapt), not one of its stages"
+            f"({', '.join(METHOD_ORDER)}), not one of its stages"
         )
     return run
 

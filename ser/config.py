@@ -23,7 +23,7 @@ SAMPLE_RATE = 16_000
 EMOTIONS_4 = ("anger", "happy", "neutral", "sad")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-METHODS = ("vft", "tapt", "ptapt")
+METHODS = ("vft", "tapt", "ptapt", "probe")
 SAMPLERS = ("tpe", "random")
 BATCHINGS = ("random", "bucket")
 TIME_MASKINGS = ("batch", "utterance")
@@ -78,10 +78,49 @@ class PrepareIemocapConfig:
 
     iemocap_dir: str = param("", "the IEMOCAP_full_release directory", required=True)
     output_dir: str = param("", "where to write Audio_16k/ and labels/", required=True)
+    classes_setup: str = param(
+        "4",
+        "4 (exc merged into happy), 4-no-exc (exc dropped), 5 (exc apart), 6 (5 and fru)",
+    )
+    label_map: str = param("", "code=class,code=class or a JSON file; replaces classes_setup")
+    folds: str = param("session", "session (5 folds) or speaker (10, leave one speaker out)")
 
     def check(self) -> None:
         checks.not_empty(self, "iemocap_dir", "the IEMOCAP_full_release directory")
         checks.not_empty(self, "output_dir", "a folder to write the prepared corpus to")
+        checks.one_of(self, "classes_setup", ("4", "4-no-exc", "5", "6"))
+        checks.one_of(self, "folds", ("session", "speaker"))
+
+
+EMOBOX_VAL_RULES = ("auto", "speaker", "utterance", "none")
+
+
+@dataclass
+class PrepareEmoboxConfig:
+    """An EmoBox corpus -> 16 kHz wavs and its folds as label files (``ser.data.emobox``)."""
+
+    emobox_dir: str = param("", "an EmoBox checkout or its data/ folder", required=True)
+    corpus: str = param("", "the corpus: a folder of EmoBox's data/, e.g. cremad", required=True)
+    audio_root: str = param("", "the folder the metadata's wav paths start from", required=True)
+    output_dir: str = param("", "where to write Audio_16k/ and labels/", required=True)
+    val: str = param(
+        "auto",
+        "Val carved from Train where EmoBox has no valid file: speaker (one seeded Train "
+        "speaker), utterance (a seeded val_fraction of Train), auto (speaker where the metadata "
+        "names speakers, else utterance), none (empty Val)",
+    )
+    val_fraction: float = param(0.1, "the share of Train that Val takes under val=utterance")
+    label_map: str = param("", "raw=class,raw=class or a JSON file; empty: label_map.json")
+    seed: int = param(0, "picks the Val speaker or utterances")
+
+    def check(self) -> None:
+        checks.not_empty(self, "emobox_dir", "an EmoBox checkout or its data/ folder")
+        checks.not_empty(self, "corpus", "the name of a corpus folder of EmoBox's data/")
+        checks.not_empty(self, "audio_root", "the folder the metadata's wav paths start from")
+        checks.not_empty(self, "output_dir", "a folder to write the prepared corpus to")
+        checks.one_of(self, "val", EMOBOX_VAL_RULES)
+        checks.in_range(self, "val_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        checks.integer(self, "seed", 0)
 
 
 @dataclass
@@ -176,7 +215,9 @@ class FinetuneConfig(TrainingConfig):
     """Fine-tuning on emotion labels: V-FT, and the last stage of TAPT and P-TAPT."""
 
     backbone: str = param(
-        "tiny", "wav2vec 2.0: preset (tiny, base, large), HF folder or hub name, fairseq .pt"
+        "tiny", "wav2vec 2.0, HuBERT, WavLM or data2vec-audio: preset (tiny, base, large, "
+        "tiny-hubert, tiny-wavlm, tiny-data2vec-audio), HF folder or cached hub name, stage "
+        ".ckpt, fairseq .pt"
     )
     pretrained_path: str = param(
         "", "an earlier stage's backbone (path or runs:/ URI); wins over backbone"
@@ -220,15 +261,18 @@ class FinetuneConfig(TrainingConfig):
 class TaptConfig(TrainingConfig):
     """TAPT: continued wav2vec 2.0 pretraining (contrastive + diversity loss) on Train audio."""
 
-    backbone: str = like(FinetuneConfig, "backbone")
+    backbone: str = param(
+        "tiny", "wav2vec 2.0 only (TAPT needs its quantizer; P-TAPT takes any family): preset "
+        "(tiny, base, large), HF folder or cached hub name, stage .ckpt, fairseq .pt"
+    )
     lr: float = param(1e-4, "pretraining learning rate (the paper: 1e-4)")
-    batch_size: int = param(16, "sets the dynamic batch, 250 s of audio per 64 (the paper: 64)")
-    training_step: int = param(200, "pretraining steps (the paper: 20000 on IEMOCAP)")
-    warmup_step: int = param(20, "learning-rate warmup steps (the paper: 100)")
+    batch_size: int = param(8, "sets the dynamic batch, 250 s of audio per 64 (the paper: 64)")
+    training_step: int = param(100, "pretraining steps (the paper: 20000 on IEMOCAP)")
+    warmup_step: int = param(10, "learning-rate warmup steps (the paper: 100)")
     gradient_clip_val: float = param(
         1.0, "gradient norm clipping (departs from the original: keeps fp16 NaN-free)"
     )
-    checkpoint_every: int = param(100, "steps between resume checkpoints")
+    checkpoint_every: int = param(50, "steps between resume checkpoints")
     gradient_checkpointing: bool = like(FinetuneConfig, "gradient_checkpointing")
     diversity_weighting: str = param(
         "original", "original: contrastive sum + 0.1 x diversity (transformers 4.10, the "
@@ -245,6 +289,17 @@ class TaptConfig(TrainingConfig):
         _check_warmup(self)
         checks.one_of(self, "diversity_weighting", DIVERSITY_WEIGHTINGS)
         checks.one_of(self, "dynamic_batch_rule", DYNAMIC_BATCH_RULES)
+        _check_tapt_backbone(self)
+
+
+def _check_tapt_backbone(config: Any) -> None:
+    """TAPT refuses a backbone of another family than wav2vec 2.0 here, before any work; read
+    from its preset name or config files, no weights (``ser.models.backbones.tapt_refusal``)."""
+    from ser.models.backbones import tapt_refusal  # transformers: only for a TAPT config
+
+    reason = tapt_refusal(config.backbone)
+    if reason is not None:
+        raise checks.ConfigError("backbone", config.backbone, reason)
 
 
 @dataclass
@@ -254,11 +309,11 @@ class Phase1Config(TrainingConfig):
     w2v1: str = param("tiny", "wav2vec 1.0: preset, fairseq wav2vec_large.pt, or our w2v1/")
     classes: str = like(FinetuneConfig, "classes")
     lr: float = param(1e-4, "phase-1 learning rate (the paper: 1e-4)")
-    batch_size: int = param(64, "phase-1 batch size (the paper: 64)")
-    training_step: int = param(200, "phase-1 steps (the paper: 10000)")
+    batch_size: int = param(32, "phase-1 batch size (the paper: 64)")
+    training_step: int = param(100, "phase-1 steps (the paper: 10000)")
     warmup_fraction: float = param(0.05, "share of training_step warming up the learning rate")
     valid_fraction: float = param(0.1, "share of Train held out (seeded) to pick the checkpoint")
-    checkpoint_every: int = param(50, "steps between validations and checkpoints")
+    checkpoint_every: int = param(25, "steps between validations and checkpoints")
 
     def check(self) -> None:
         super().check()
@@ -308,11 +363,11 @@ class Phase2Config(TrainingConfig):
     backbone: str = like(FinetuneConfig, "backbone")
     clusterpath: str = param("", "the clustering output or a merged clusters.json (or runs:/)")
     lr: float = param(1e-4, "phase-2 learning rate (the paper: 1e-4)")
-    batch_size: int = param(16, "sets the dynamic batch, 250 s of audio per 64 (the paper: 64)")
-    training_step: int = param(200, "phase-2 steps (the paper: 20000)")
-    warmup_step: int = param(20, "learning-rate warmup steps (the paper: 100)")
+    batch_size: int = param(8, "sets the dynamic batch, 250 s of audio per 64 (the paper: 64)")
+    training_step: int = param(100, "phase-2 steps (the paper: 20000)")
+    warmup_step: int = param(10, "learning-rate warmup steps (the paper: 100)")
     mask_time_prob: float = param(0.06, "share of frames masked; the loss is on masked frames")
-    checkpoint_every: int = param(100, "steps between resume checkpoints")
+    checkpoint_every: int = param(50, "steps between resume checkpoints")
     train_mask_embedding: bool = like(FinetuneConfig, "train_mask_embedding")
     gradient_checkpointing: bool = like(FinetuneConfig, "gradient_checkpointing")
     dynamic_batch_rule: str = like(TaptConfig, "dynamic_batch_rule")
@@ -327,6 +382,32 @@ class Phase2Config(TrainingConfig):
 
 
 @dataclass
+class ProbeConfig(TrainingConfig):
+    """Probe: the frozen backbone's hidden states, softmax-weighted and mean-pooled, into a linear
+    classifier (SUPERB, EmoBox), on every fold."""
+
+    backbone: str = like(FinetuneConfig, "backbone")
+    classes: str = like(FinetuneConfig, "classes")
+    lr: float = param(1e-2, "probe learning rate: layer weights and linear head (SUPERB: 1e-4)")
+    batch_size: int = param(16, "probe batch size in utterances (SUPERB: 32)")
+    max_epochs: int = param(15, "probe epochs per run; each trains the head only")
+    num_exps: int = like(FinetuneConfig, "num_exps")
+    devices: str = param("1", "one device: the head is too small to share out")
+    maxseqlen: float = param(10.0, "not used by the probe: every utterance is pooled whole")
+
+    def check(self) -> None:
+        super().check()
+        checks.positive(self, "lr")
+        for name in ("batch_size", "max_epochs", "num_exps"):
+            checks.integer(self, name, 1)
+        if str(self.devices).replace(" ", "") != "1":
+            raise checks.ConfigError(
+                "devices", self.devices, "must be 1: the probe trains a head of a few thousand "
+                "weights, which gains nothing from data parallelism"
+            )
+
+
+@dataclass
 class CompareConfig:
     """A table and a bar chart comparing finished method runs (V-FT, TAPT, P-TAPT)."""
 
@@ -336,6 +417,45 @@ class CompareConfig:
 
     def check(self) -> None:
         checks.not_empty(self, "output_dir", "a folder for the table and chart")
+
+
+PREDICT_OUTPUTS = (".csv", ".jsonl")
+PREDICT_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class PredictConfig:
+    """Emotion labels and class probabilities for every audio file of a folder or list."""
+
+    model: str = param(
+        "", "models:/<name>/<version>, models:/<name>@<alias>, models:/m-<id>, runs:/<id>/<path>,"
+        " <name>/<version>, <name>@<alias>, or an exported model directory (with model.json)",
+        required=True,
+    )
+    input: str = param(
+        "", "a folder of audio (searched recursively), a .csv with a path column, or a "
+        "Kaldi wav.scp; relative paths in a list are relative to the list", required=True,
+    )
+    output: str = param("", "the .csv or .jsonl file to write", required=True)
+    window: float = param(10.0, "seconds per scored window; longer files are scored window by "
+                          "window and get the mean of the window probabilities; 0: whole files")
+    hop: float = param(5.0, "seconds between the starts of consecutive windows")
+    per_window: bool = param(False, "also write one row per window, with start and end seconds")
+    batch_size: int = param(32, "windows scored per call of the model")
+    device: str = param("auto", "auto (a GPU when there is one), cpu or cuda")
+
+    def check(self) -> None:
+        checks.not_empty(self, "model", "a model URI, a registered name/version or a directory")
+        checks.not_empty(self, "input", "a folder of audio, a .csv or a wav.scp")
+        checks.not_empty(self, "output", "a .csv or .jsonl file")
+        if not self.output.lower().endswith(PREDICT_OUTPUTS):
+            raise checks.ConfigError("output", self.output, "must end in .csv or .jsonl")
+        checks.in_range(self, "window", 0.0, 86_400.0)
+        if self.window > 0:
+            checks.in_range(self, "hop", 0.0, self.window, low_open=True,
+                            why=" (seconds, at most window: no audio is left out)")
+        checks.integer(self, "batch_size", 1)
+        checks.one_of(self, "device", PREDICT_DEVICES)
 
 
 # --- options of entry points that change tracking, not results --------------------------------
@@ -388,6 +508,11 @@ class ClusterEntry(RecipeOption, ForceOption, ClusterConfig):
 @dataclass
 class Phase2Entry(RecipeOption, ForceOption, Phase2Config):
     """The ``pretrain_w2v2`` entry point."""
+
+
+@dataclass
+class ProbeEntry(RecipeOption, ForceOption, ProbeConfig):
+    """The ``probe_head`` entry point."""
 
 
 # --- methods ------------------------------------------------------------------------------------
@@ -453,6 +578,7 @@ METHOD_STAGES: dict[str, tuple[StageParams, ...]] = {
                     chained={"clusterpath": ("cluster", artifacts.CLUSTERS)}),
         _finetune_after("pretrain_w2v2"),
     ),
+    "probe": (StageParams("probe_head", ProbeConfig),),
 }  # fmt: skip
 
 
@@ -571,8 +697,41 @@ class PtaptMethodConfig(_Method, RecipeOption, RegisterOption, ForceOption, Dyna
     METHOD: ClassVar[str] = "ptapt"
 
 
+@dataclass
+class ProbeParams(DataConfig):
+    """The ``probe`` method's values besides tracking: data, hardware, backbone, the head's."""
+
+    output_root: str = like(MethodData, "output_root")
+    backbone: str = like(ProbeConfig, "backbone")
+    classes: str = like(ProbeConfig, "classes")
+    lr: float = like(ProbeConfig, "lr")
+    batch_size: int = like(ProbeConfig, "batch_size")
+    max_epochs: int = like(ProbeConfig, "max_epochs")
+    num_exps: int = like(ProbeConfig, "num_exps")
+    devices: str = like(ProbeConfig, "devices")
+    maxseqlen: float = like(ProbeConfig, "maxseqlen")
+
+
+@dataclass
+class ProbeMethodConfig(_Method, RecipeOption, RegisterOption, ForceOption, ProbeParams):
+    """Probe: the frozen backbone's weighted hidden states into a linear classifier."""
+
+    METHOD: ClassVar[str] = "probe"
+    register_as: str = param("", "must stay empty: the probe's model is not logged to MLflow")
+
+    def check(self) -> None:
+        super().check()
+        if self.register_as:
+            raise checks.ConfigError(
+                "register_as", self.register_as, "must be empty: the probe exports its model to "
+                "<output_dir>/model (ser.stages.probe.load_probe) but does not log it as an "
+                "MLflow model, which serves fine-tuned classifiers only"
+            )
+
+
 METHOD_CONFIGS: dict[str, type[Any]] = {
     "vft": MethodConfig, "tapt": TaptMethodConfig, "ptapt": PtaptMethodConfig,
+    "probe": ProbeMethodConfig,
 }  # fmt: skip
 
 
@@ -699,4 +858,5 @@ STAGE_ENTRY_POINTS: dict[str, tuple[type[Any], str]] = {
     "pretrain_w2v2": (Phase2Entry, "P-TAPT phase 2: wav2vec 2.0 on frame pseudo-labels."),
     "tapt_pretrain": (TaptEntry, "TAPT: continued wav2vec 2.0 pretraining on Train audio."),
     "finetune": (FinetuneEntry, "Fine-tune wav2vec 2.0 on emotion labels (all folds)."),
+    "probe_head": (ProbeEntry, "Probe: a linear head on the frozen backbone's weighted layers."),
 }

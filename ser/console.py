@@ -51,6 +51,11 @@ def configure() -> None:
             target.addFilter(_DropLines(_LIGHTNING_NOISE))
     # A deprecation inside Lightning's own code, raised on every fit: nothing a user can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # MLflow's own pyfunc classes raise it when mlflow.pyfunc is imported: not about our model,
+    # whose logged signature says what goes in.
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the .predict. method")
+    # Said when a run resumes into its own checkpoint folder, which is what resuming is.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # transformers' "Writing model shards 1/1" bar on every save (read when it is imported).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # MLflow's bar for copying a few small files, and its note on every logged model.

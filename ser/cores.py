@@ -1,12 +1,13 @@
 """How a process shares the machine's cores: torch threads and data-loading workers.
 
 torch's default, one intra-op thread per core, is the worst choice on a small or busy machine:
-on 2 cores with two other CPU-bound jobs, one ``tiny`` training step took 1,095 ms with two
-threads (OpenMP threads spinning against each other and the other jobs) and 173 ms with one
-(``benchmarks/threads.py``). So each process takes its share of the cores that are free when it
-starts: the cores it may run on (its CPU affinity, which containers and SLURM set), less the
-other jobs' load (the 1-minute load average), divided among the processes sharing them (DDP
-ranks or search workers on this machine), less its data-loading workers. When in doubt the
+on 2 cores with two other CPU-bound jobs, one ``tiny`` training step took 384 ms with two
+threads (OpenMP threads spinning against each other and the other jobs) and 194 ms with one
+(``benchmarks/threads.py``; idle, two threads are 20 % faster than one). So each process
+takes its share of the cores that are free when it starts: the cores it may run on (its CPU
+affinity, which containers and SLURM set), less the other jobs' load (the 1-minute load
+average), divided among the processes sharing them (DDP ranks or search workers on this
+machine), less its data-loading workers. When in doubt the
 count errs low: one thread too few costs a fraction, one too many on busy cores costs a
 multiple. ``SER_NUM_THREADS``, then ``OMP_NUM_THREADS``, override it.
 """

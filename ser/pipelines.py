@@ -19,7 +19,7 @@ from statistics import fmean
 from typing import Any
 
 from ser import artifacts, distributed, recipes, serving, tracking, training
-from ser.stages import cluster, finetune, ptapt_phase1, ptapt_phase2, tapt
+from ser.stages import cluster, finetune, probe, ptapt_phase1, ptapt_phase2, tapt
 from ser.stages.contract import CallbackFactory, Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ INPUT_CACHE = ".inputs"  # under output_root: downloaded input URIs, by run id a
 
 STAGES: dict[str, Stage] = {
     spec.name: spec
-    for spec in (finetune.SPEC, tapt.SPEC, ptapt_phase1.SPEC, cluster.SPEC, ptapt_phase2.SPEC)
+    for spec in (finetune.SPEC, tapt.SPEC, ptapt_phase1.SPEC, cluster.SPEC, ptapt_phase2.SPEC,
+                 probe.SPEC)
 }
 
 
@@ -117,6 +118,8 @@ def _run_tracked(
         _log_outputs(stage, output_dir)
         if isinstance(result, finetune.FinetuneResult):
             _finish_finetune(result, register_as)
+        elif isinstance(result, probe.ProbeResult):  # not servable: ser.serving loads fine-tuning's
+            _log_headline(result.summary)
         tracking.set_tags({tracking.TAG_OUTPUT: f"runs:/{run_id}/"})
         tracking.mark_complete(run_id)
     log.info("%s: done in run %s; outputs in %s", stage.name, run_id, output_dir)
@@ -169,7 +172,7 @@ def _reuse(stage: Stage, run: Any) -> StageOutcome:
 # Never artifacts: resume points (scratch, removed once a run finishes) and fine-tuned weights,
 # which the logged pyfunc model already holds (the exported model) or which stay local on
 # request (every run's, ``keep_run_models``).
-NOT_LOGGED = frozenset({artifacts.CHECKPOINTS, artifacts.MODEL})
+NOT_LOGGED = frozenset({artifacts.CHECKPOINTS, artifacts.MODEL, probe.FEATURES})
 
 
 def _log_outputs(stage: Stage, output_dir: Path) -> None:
@@ -201,7 +204,13 @@ def _log_fold(stage: Stage, fold_dir: Path, prefix: str = "") -> None:
 
 def _finish_finetune(result: finetune.FinetuneResult, register_as: str) -> None:
     """Headline metrics, per-class recall and the servable model, on the fine-tuning run."""
-    summary = result.summary
+    _log_headline(result.summary)
+    model_uri = serving.log_model(result.model_dir, result.summary["classes"], register_as)
+    tracking.set_tags({tracking.TAG_MODEL: model_uri})
+
+
+def _log_headline(summary: dict[str, Any]) -> None:
+    """Headline metrics and per-class recall of a classifier stage's summary, on its run."""
     metrics = {}
     for name in HEADLINE:
         entry = summary["metrics"][name]
@@ -213,8 +222,6 @@ def _finish_finetune(result: finetune.FinetuneResult, register_as: str) -> None:
     if valid and None not in valid:  # what a search selects on: never the test scores
         metrics["valid_UA_mean"] = fmean(valid)
     tracking.log_metrics(metrics)
-    model_uri = serving.log_model(result.model_dir, summary["classes"], register_as)
-    tracking.set_tags({tracking.TAG_MODEL: model_uri})
 
 
 # --------------------------------------------------------------------------- methods
@@ -225,7 +232,7 @@ def run_method(
 ) -> dict[str, float]:
     """Run ``config``'s method (``config.METHOD``): check every stage's config, then each stage
     as a child run of the method's run, each fed the URIs of the outputs before it; fine-tuning
-    last, whose headline metrics and model go on the method's run.
+    (or the probe) last, whose headline metrics and model go on the method's run.
 
     ``finetune_callbacks``: extra Trainer callbacks for fine-tuning (a search's pruning); never
     part of a reuse key."""
@@ -245,20 +252,21 @@ def run_method(
 
 
 def _run_stages(config: Any, finetune_callbacks: CallbackFactory | None) -> StageOutcome:
-    """Each stage of the method in order, fed the URIs of the outputs before it; fine-tuning's
-    outcome."""
+    """Each stage of the method in order, fed the URIs of the outputs before it; the last one's
+    outcome (fine-tuning's, or the probe's)."""
     done: dict[str, StageOutcome] = {}
     for step in config.stage_params():
         inputs = {field: done[stage].uri(output)
                   for field, (stage, output) in step.chained.items()}  # fmt: skip
+        # The last stage classifies (fine-tuning, or the probe): a search prunes its epochs.
         context = StageContext(callback_factory=finetune_callbacks
-                               if step.stage == finetune.SPEC.name else None)  # fmt: skip
+                               if step is config.stage_params()[-1] else None)  # fmt: skip
         done[step.stage] = execute_stage(
             step.stage, step.build(config, inputs), method=config.METHOD, force=config.force,
             nested=True, output_root=config.output_root, register_as=config.register_as,
             context=context,
         )  # fmt: skip
-    return done[finetune.SPEC.name]
+    return done[config.stage_params()[-1].stage]
 
 
 def _method_headline(outcome: StageOutcome, register_as: str) -> dict[str, float]:

@@ -21,6 +21,7 @@ from ser.config import (
     FinetuneConfig,
     Phase1Config,
     Phase2Config,
+    ProbeConfig,
     SearchConfig,
     TaptConfig,
     _scaled_sets,
@@ -53,6 +54,9 @@ PAPER: dict[type[Any], dict[str, Any]] = {
         "mask_time_prob": 0.06, "maxseqlen": 10.0, "precision": "16-mixed",
         "checkpoint_every": 1_000, "train_mask_embedding": False, "dynamic_batch_rule": "sum",
     },
+    # The paper has no probe: only its protocol applies (5 repeats per fold, as fine-tuning's),
+    # not its learning rate or batch, which were chosen for a backbone that trains.
+    ProbeConfig: {"num_exps": 5},
 }
 
 

@@ -55,7 +55,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pytorch_lightning.callbacks import Callback
 
 from ser import cores, pipelines, recipes, tracking, training
-from ser.config import METHOD_STAGES, parse_cluster_sets
+from ser.config import METHOD_CONFIGS, METHOD_STAGES, parse_cluster_sets
 from ser.data.labels import LabelFile
 from ser.errors import SerInputError
 
@@ -138,6 +138,22 @@ class SearchResult:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def centred_on_method(config: SearchConfig) -> SearchConfig:
+    """``config`` with the lr range and batch sizes it leaves at their defaults (fine-tuning's
+    lr / 10 .. x 10, half, once and twice its batch size) around the method's own defaults
+    instead: a probe's head trains at another lr than a backbone does. The fine-tuning methods'
+    own defaults are fine-tuning's, so their space stays as it is."""
+    method = METHOD_CONFIGS.get(config.method)
+    if method is None:  # refused with the list of methods by check_config
+        return config
+    lr, batch = method.lr, method.batch_size
+    centred = {"lr_min": lr / 10, "lr_max": lr * 10, "batch_sizes": (batch // 2, batch, batch * 2)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    unset = {name: value for name, value in centred.items()
+             if getattr(config, name) == defaults[name]}  # fmt: skip
+    return dataclasses.replace(config, **unset)
 
 
 def check_config(config: SearchConfig) -> tuple[SearchSpace, list[LabelFile]]:
@@ -544,7 +560,7 @@ def _importances_defined(study: Study, space: SearchSpace) -> bool:
 
 def search(config: SearchConfig) -> SearchResult:
     """Run this worker's share of the study ``config`` names (see the module docstring)."""
-    config = recipes.resolve(config)
+    config = centred_on_method(recipes.resolve(config))
     space, folds = check_config(config)
     cores.set_threads(config.workers_per_machine, config.num_workers)
     settings = study_settings(config, folds)

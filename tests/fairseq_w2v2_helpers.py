@@ -123,3 +123,73 @@ def write_fairseq_checkpoint(
         raise ValueError(fmt)
     torch.save({**checkpoint, **training_state}, path)
     return path
+
+
+# --- HuBERT -------------------------------------------------------------------------------
+# fairseq's HuBERT is built from the same conv extractor and transformer encoder as wav2vec 2.0,
+# and transformers' Hubert modules carry Wav2Vec2's names, so to_fairseq_state serves both.
+
+
+def hubert_fairseq_options(config: Any) -> dict[str, Any]:
+    """fairseq's HuBERT model options for a transformers ``HubertConfig``."""
+    layers = list(zip(config.conv_dim, config.conv_kernel, config.conv_stride, strict=True))
+    return {
+        "_name": "hubert",
+        "label_rate": 50,
+        "extractor_mode": "layer_norm" if config.feat_extract_norm == "layer" else "default",
+        "encoder_layers": config.num_hidden_layers,
+        "encoder_embed_dim": config.hidden_size,
+        "encoder_ffn_embed_dim": config.intermediate_size,
+        "encoder_attention_heads": config.num_attention_heads,
+        "activation_fn": "gelu",
+        "layer_norm_first": config.do_stable_layer_norm,
+        "conv_feature_layers": " + ".join(f"[{layer}]" for layer in layers),
+        "conv_bias": config.conv_bias,
+        "conv_pos": config.num_conv_pos_embeddings,
+        "conv_pos_groups": config.num_conv_pos_embedding_groups,
+        "final_dim": 16,
+        "feature_grad_mult": 0.1,
+        "mask_prob": 0.8,
+        "mask_length": 10,
+    }
+
+
+def hubert_pretraining_heads(hidden: int, classes: int = 12, final_dim: int = 16) -> dict[
+    str, torch.Tensor
+]:
+    """Random stand-ins for fairseq HuBERT's pretraining-only parameters."""
+    return {
+        "label_embs_concat": torch.randn(classes, final_dim),
+        "final_proj.weight": torch.randn(final_dim, hidden),
+        "final_proj.bias": torch.randn(final_dim),
+    }
+
+
+def write_fairseq_hubert_checkpoint(
+    path: Path, model: torch.nn.Module, fmt: str = "cfg",
+    extra_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a transformers ``HubertModel`` as a fairseq HuBERT checkpoint, pretraining heads
+    included: ``fmt`` "cfg" (plain dict), "args" (argparse.Namespace) or "finetuned"
+    (``hubert_ctc``: prefixed keys, CTC head, the pretraining options in ``w2v_args``)."""
+    options = hubert_fairseq_options(model.config)
+    heads = hubert_pretraining_heads(model.config.hidden_size)
+    state = {**to_fairseq_state(model), **heads, **(extra_state or {})}  # type: ignore[arg-type]
+    task = {"_name": "hubert_pretraining", "normalize": False, "labels": ["km"]}
+    if fmt == "cfg":
+        checkpoint: dict[str, Any] = {"cfg": {"model": options, "task": task}, "model": state}
+    elif fmt == "args":
+        options["arch"] = options.pop("_name")
+        checkpoint = {"args": argparse.Namespace(**options), "model": state}
+    elif fmt == "finetuned":
+        prefixed = {f"w2v_encoder.w2v_model.{k}": v for k, v in state.items()
+                    if k not in ("final_proj.weight", "final_proj.bias")}
+        prefixed["w2v_encoder.proj.weight"] = torch.randn(32, model.config.hidden_size)
+        prefixed["w2v_encoder.proj.bias"] = torch.randn(32)
+        ctc = {"_name": "hubert_ctc", "w2v_path": "/x/hubert_base_ls960.pt",
+               "w2v_args": {"model": options, "task": task}}
+        checkpoint = {"cfg": {"model": ctc, "task": task}, "model": prefixed}
+    else:
+        raise ValueError(fmt)
+    torch.save({**checkpoint, "optimizer_history": [{"num_updates": 1}]}, path)
+    return path

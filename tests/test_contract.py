@@ -44,7 +44,7 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_no_stage_module_imports_another_stage() -> None:
     stages = {p.stem for p in STAGE_FILES} - NOT_STAGES
-    assert stages == {"finetune", "tapt", "ptapt_phase1", "cluster", "ptapt_phase2"}
+    assert stages == {"finetune", "tapt", "ptapt_phase1", "cluster", "ptapt_phase2", "probe"}
     for path in STAGE_FILES:
         imported = _imported_modules(path)
         others = {f"ser.stages.{s}" for s in stages - {path.stem}}
@@ -101,7 +101,7 @@ def test_a_method_builds_each_stage_from_its_own_parameters() -> None:
     ("config", "message"),
     [
         (PtaptMethodConfig(phase2_warmup_step=500),
-         "phase2_warmup_step=500 must be between 0 and phase2_training_step=200"),
+         "phase2_warmup_step=500 must be between 0 and phase2_training_step=100"),
         (PtaptMethodConfig(phase1_lr=float("nan")), "phase1_lr=nan must be a finite number > 0"),
         (PtaptMethodConfig(lr=float("inf")), "lr=inf must be a finite number > 0"),
         (PtaptMethodConfig(num_clusters=(1, 8)), "num_clusters=(1, 8) must list"),
@@ -150,5 +150,5 @@ def test_a_bad_last_stage_parameter_stops_a_method_before_its_first_stage(tmp_pa
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["error: ptapt: phase2_warmup_step=-5 must be between 0 and "
-                     "phase2_training_step=200"]  # fmt: skip
+                     "phase2_training_step=100"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run, no output, no database

@@ -82,7 +82,8 @@ def test_a_search_at_recipe_paper_centres_its_space_on_the_papers_values() -> No
 def test_every_method_and_stage_entry_point_takes_recipe() -> None:
     for name, entry in ENTRY_POINTS.items():
         fields = {f.name for f in dataclasses.fields(entry.config_cls)}
-        wanted = name in ENTRIES or name in ("vft", "tapt", "ptapt", "search")
+        methods = ("vft", "tapt", "ptapt", "probe", "probe_head", "search")
+        wanted = name in ENTRIES or name in methods
         assert ("recipe" in fields) == wanted, name
 
 

@@ -8,17 +8,21 @@ Writes, under the output directory ``OUT``::
     OUT/.prepared.json                   what was converted from what (makes reruns cheap)
 
 Kept emotions follow the original recipe: ang -> anger, hap and exc -> happy, sad, neu ->
-neutral; every other label (fru, sur, fea, dis, oth, xxx) is dropped.
+neutral; every other label (fru, sur, fea, dis, oth, xxx) is dropped. ``classes_setup`` picks
+another of ``CLASS_SETUPS`` and ``label_map`` any mapping (IEMOCAP code -> class); unmapped codes
+are dropped. ``folds=speaker`` writes ten leave-one-speaker-out folds instead, to
+``OUT/labels_spk/label_<speaker>.json`` (e.g. ``label_Ses01F.json``), also with an empty Val.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +47,17 @@ from ser.errors import SerInputError
 logger = logging.getLogger(__name__)
 
 LABEL_MAP = {"ang": "anger", "hap": "happy", "exc": "happy", "sad": "sad", "neu": "neutral"}
+_NO_EXC = {"ang": "anger", "hap": "happy", "sad": "sad", "neu": "neutral"}
+# The setups papers compare; "4" (exc merged into happy) is the original recipe's.
+CLASS_SETUPS: dict[str, dict[str, str]] = {
+    "4": LABEL_MAP,
+    "4-no-exc": _NO_EXC,
+    "5": {**_NO_EXC, "exc": "excited"},
+    "6": {**_NO_EXC, "exc": "excited", "fru": "frustrated"},
+}
 AUDIO_DIR = "Audio_16k"
 LABEL_DIR = "labels_sess"
+SPEAKER_LABEL_DIR = "labels_spk"
 METALABEL = "metalabel.json"
 MANIFEST = ".prepared.json"
 # Bump when the conversion itself changes, so that older outputs are redone.
@@ -83,14 +96,11 @@ class Utterance:
     source: Path
     start: float
     end: float
+    label: str = ""  # the class, set once the label map keeps the utterance
 
     @property
     def file_name(self) -> str:
         return f"{self.name}.wav"
-
-    @property
-    def label(self) -> str:
-        return LABEL_MAP[self.emotion]
 
     @property
     def speaker(self) -> str | None:
@@ -115,10 +125,34 @@ class PreparedCorpus:
 def prepare_iemocap(config: PrepareIemocapConfig) -> PreparedCorpus:
     """Convert an IEMOCAP release; everything is validated before the first file is written."""
     root, out = _check_config(config)
+    label_map = _label_map(config)
     sessions = find_sessions(root)
-    utterances = read_evaluations(root, sessions)
+    utterances = read_evaluations(root, sessions, label_map)
+    folds = config.folds
+    if folds == "speaker":
+        _check_speakers(root, utterances)
     headers = _check_sources(root, utterances)
-    return _write_corpus(root, out, utterances, headers)
+    return _write_corpus(root, out, utterances, headers, folds)
+
+
+def _label_map(config: PrepareIemocapConfig) -> Mapping[str, str]:
+    option = config.label_map
+    if not option:
+        return CLASS_SETUPS[config.classes_setup]
+    # Imported here: ser.data.emobox builds on this module.
+    from ser.data.emobox import load_label_map
+
+    return load_label_map(option, Path(option))
+
+
+def _check_speakers(root: Path, utterances: list[Utterance]) -> None:
+    unnamed = [utt.name for utt in utterances if utt.speaker is None]
+    if unnamed:
+        raise SerInputError(
+            f"IEMOCAP directory {root}: folds=speaker needs the speaker in every utterance name "
+            f"(Ses01F_impro01_F000: speaker Ses01F), but {len(unnamed)} do not name one: "
+            f"{_preview(unnamed)}; use folds=session"
+        )
 
 
 def find_sessions(root: Path) -> dict[int, Path]:
@@ -152,7 +186,9 @@ def find_sessions(root: Path) -> dict[int, Path]:
     return dict(sorted(sessions.items()))
 
 
-def read_evaluations(root: Path, sessions: dict[int, Path]) -> list[Utterance]:
+def read_evaluations(
+    root: Path, sessions: dict[int, Path], label_map: Mapping[str, str] = LABEL_MAP
+) -> list[Utterance]:
     """The kept utterances of every session's evaluation files, sorted by name."""
     kept: dict[str, Utterance] = {}
     duplicates: list[str] = []
@@ -161,8 +197,9 @@ def read_evaluations(root: Path, sessions: dict[int, Path]) -> list[Utterance]:
         for evaluation in _evaluation_files(folder):
             for utt in _parse_evaluation(evaluation, number, folder):
                 seen[utt.emotion] += 1
-                if utt.emotion not in LABEL_MAP:
+                if utt.emotion not in label_map:
                     continue
+                utt = dataclasses.replace(utt, label=label_map[utt.emotion])
                 if utt.name in kept:
                     duplicates.append(f"{utt.name} ({kept[utt.name].dialog}, {utt.dialog})")
                 kept[utt.name] = utt
@@ -176,7 +213,7 @@ def read_evaluations(root: Path, sessions: dict[int, Path]) -> list[Utterance]:
         found = ", ".join(f"{emo} x{n}" for emo, n in seen.most_common()) or "no labelled lines"
         raise SerInputError(
             f"IEMOCAP directory {root}: no utterance with a kept emotion "
-            f"({', '.join(sorted(LABEL_MAP))}) in the dialog/EmoEvaluation/*.txt files (found: "
+            f"({', '.join(sorted(label_map))}) in the dialog/EmoEvaluation/*.txt files (found: "
             f"{found}). Lines must read '[start - end]<TAB>utterance<TAB>emotion<TAB>[v, a, d]'."
             f"\n{EXPECTED_LAYOUT}"
         )
@@ -281,7 +318,11 @@ def _samples_at_target(header: AudioHeader) -> int:
 
 
 def _write_corpus(
-    root: Path, out: Path, utterances: list[Utterance], headers: dict[str, AudioHeader]
+    root: Path,
+    out: Path,
+    utterances: list[Utterance],
+    headers: dict[str, AudioHeader],
+    folds: str = "session",
 ) -> PreparedCorpus:
     audio_dir = out / AUDIO_DIR
     previous = _load_manifest(out)
@@ -292,8 +333,8 @@ def _write_corpus(
     }
     todo = [utt for utt in utterances if utt.file_name not in entries]
     _announce(todo, headers)
-    label_files = _label_paths(out, utterances)
-    label_names = [p.name for p in label_files]
+    label_files = _label_paths(out, utterances, folds)
+    label_names = [_manifest_name(out, p) for p in label_files]
     try:
         for utt in tqdm(todo, desc="IEMOCAP -> 16 kHz", unit="file", disable=not todo):
             entries[utt.file_name] = _convert(utt, headers[utt.name], audio_dir / utt.file_name)
@@ -302,10 +343,10 @@ def _write_corpus(
         # folds stay listed until the new ones replace them, so stale ones are still removed.
         _save_manifest(out, entries, sorted({*previous["label_files"], *label_names}))
     changed = _write_metadata(root, out, utterances, headers)
-    changed |= _write_folds(out, utterances, previous["label_files"])
+    changed |= _write_folds(out, utterances, previous["label_files"], folds)
     _save_manifest(out, entries, label_names)
     counts = dict(sorted(Counter(utt.label for utt in utterances).items()))
-    _log_result(out, len(utterances), len(todo), changed, counts, label_files)
+    _log_result(out, len(utterances), len(todo), changed, counts, label_files, folds)
     return PreparedCorpus(
         output_dir=out,
         audio_dir=audio_dir,
@@ -423,27 +464,42 @@ def _write_metadata(
     return _write_json_if_changed(out / METALABEL, metalabel, atomic_write_json)
 
 
-def _label_paths(out: Path, utterances: list[Utterance]) -> list[Path]:
+def _label_paths(out: Path, utterances: list[Utterance], folds: str = "session") -> list[Path]:
+    if folds == "speaker":
+        speakers = sorted({str(utt.speaker) for utt in utterances})
+        return [out / SPEAKER_LABEL_DIR / f"label_{speaker}.json" for speaker in speakers]
     sessions = sorted({utt.session for utt in utterances})
     return [out / LABEL_DIR / f"label_{session}.json" for session in sessions]
 
 
-def _write_folds(out: Path, utterances: list[Utterance], previous: list[str]) -> bool:
-    """One fold per session with kept utterances; stale folds of an earlier run are removed."""
+def _fold_of(utt: Utterance, folds: str) -> str:
+    return str(utt.speaker) if folds == "speaker" else str(utt.session)
+
+
+def _manifest_name(out: Path, path: Path) -> str:
+    # Session folds keep the bare names of older manifests; others are paths under OUT.
+    return path.name if path.parent.name == LABEL_DIR else path.relative_to(out).as_posix()
+
+
+def _write_folds(
+    out: Path, utterances: list[Utterance], previous: list[str], folds: str = "session"
+) -> bool:
+    """One fold per session (or speaker) with kept utterances; stale folds of an earlier run
+    (of either kind) are removed, so OUT holds one setup's folds."""
     changed = False
-    paths = _label_paths(out, utterances)
+    paths = _label_paths(out, utterances, folds)
     for path in paths:
-        session = int(path.stem.split("_")[1])
+        held_out = path.stem.split("_", 1)[1]
         splits = {
-            "Train": {u.file_name: u.label for u in utterances if u.session != session},
+            "Train": {u.file_name: u.label for u in utterances if _fold_of(u, folds) != held_out},
             "Val": {},
-            "Test": {u.file_name: u.label for u in utterances if u.session == session},
+            "Test": {u.file_name: u.label for u in utterances if _fold_of(u, folds) == held_out},
         }
         changed |= _write_json_if_changed(path, splits, write_label_file)
-    for name in sorted(set(previous) - {p.name for p in paths}):
-        stale = out / LABEL_DIR / name
+    for name in sorted(set(previous) - {_manifest_name(out, p) for p in paths}):
+        stale = out / name if "/" in name else out / LABEL_DIR / name
         if stale.is_file():
-            logger.warning("Removing %s: its session is no longer in the release", stale)
+            logger.warning("Removing %s: its fold is no longer in this setup", stale)
             stale.unlink()
             changed = True
     return changed
@@ -468,6 +524,7 @@ def _log_result(
     changed: bool,
     counts: dict[str, int],
     label_files: list[Path],
+    folds: str = "session",
 ) -> None:
     if not converted and not changed:
         logger.info(
@@ -476,7 +533,7 @@ def _log_result(
         return
     logger.info(
         "Prepared IEMOCAP in %s: %d utterances (%s) in %s/ (%d converted, %d already up to date), "
-        "metadata in %s, %d session folds in %s/",
+        "metadata in %s, %d %s folds in %s/",
         out,
         total,
         ", ".join(f"{label} {n}" for label, n in counts.items()),
@@ -485,7 +542,8 @@ def _log_result(
         total - converted,
         METALABEL,
         len(label_files),
-        LABEL_DIR,
+        folds,
+        label_files[0].parent.name if label_files else LABEL_DIR,
     )
 
 

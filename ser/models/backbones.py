@@ -1,19 +1,33 @@
-"""wav2vec 2.0 backbones from a preset, a model directory, a hub name, a fairseq file or a stage
-checkpoint, all as transformers' ``Wav2Vec2Model`` (or ``Wav2Vec2ForPreTraining`` for TAPT).
+"""Speech SSL backbones (wav2vec 2.0, HuBERT, WavLM, data2vec-audio) from a preset, a model
+directory, a hub name, a fairseq file or a stage checkpoint, as the family's transformers base
+model (:data:`Backbone`), or as ``Wav2Vec2ForPreTraining`` for TAPT (wav2vec 2.0 only).
+
+Families (:data:`FAMILIES`, keyed by the config's ``model_type``): ``wav2vec2``
+(``Wav2Vec2Model``), ``hubert`` (``HubertModel``), ``wavlm`` (``WavLMModel``) and
+``data2vec-audio`` (``Data2VecAudioModel``). The family is read from the source's config
+(``model_type``, else ``architectures``), never guessed from a file name.
 
 Accepted ``spec`` forms (see :data:`SPEC_FORMS`):
 
-- a preset: ``tiny`` (a few layers, small widths, wav2vec 2.0's full 320x conv stack: for tests
-  and the demo), ``base`` and ``large`` (the architectures of facebook/wav2vec2-base and
-  facebook/wav2vec2-large-lv60), randomly initialised from torch's seed;
-- a directory written by ``save_pretrained`` (of ``Wav2Vec2Model``, ``Wav2Vec2ForPreTraining``
-  or any wav2vec2 head model): ``config.json`` plus weights;
-- a hub name such as ``facebook/wav2vec2-base``: read from the local Hugging Face cache only,
+- a preset, randomly initialised from torch's seed: ``tiny`` (a few layers, small widths,
+  wav2vec 2.0's full 320x conv stack: for tests and the demo), ``base`` and ``large`` (the
+  architectures of facebook/wav2vec2-base and facebook/wav2vec2-large-lv60), all wav2vec 2.0;
+  ``tiny-hubert``, ``tiny-wavlm`` and ``tiny-data2vec-audio``, the other families at ``tiny``'s
+  sizes (data2vec-audio keeps its own stack of five positional convs);
+- a directory written by ``save_pretrained`` of any family's base model or head model (e.g.
+  ``Wav2Vec2ForPreTraining``, ``HubertForSequenceClassification``): ``config.json`` plus
+  weights; a head model gives its backbone;
+- a hub name such as ``facebook/hubert-base-ls960``: read from the local Hugging Face cache only,
   never from the network;
-- a fairseq wav2vec 2.0 ``.pt`` (pretrained or CTC fine-tuned), see ``fairseq_import``;
+- a fairseq ``.pt`` (wav2vec 2.0 or HuBERT, pretrained or CTC fine-tuned), see
+  ``fairseq_import``; every ``.pt`` goes through :func:`_from_fairseq`;
 - a Lightning ``.ckpt`` written by one of our stages.
 
 A preset name wins over a same-named path: write ``./tiny`` for a directory called ``tiny``.
+
+TAPT needs wav2vec 2.0's quantizer and contrastive head: :func:`load_pretraining_model` refuses
+the other families, and :func:`tapt_refusal` says so from the spec alone (config files, no
+weights), so that TAPT's config check refuses before any work.
 
 Every load comes out with activation checkpointing OFF, whatever the config says:
 facebook/wav2vec2-base's hub config carries ``"gradient_checkpointing": true``, which transformers 5
@@ -23,13 +37,14 @@ with :func:`set_gradient_checkpointing`.
 
 Stage checkpoint convention (stages follow it so that their output is a backbone spec):
 
-- the LightningModule holds its ``Wav2Vec2Model`` at attribute ``backbone`` (state-dict prefix
+- the LightningModule holds its backbone at attribute ``backbone`` (state-dict prefix
   ``backbone.``), or a ``Wav2Vec2ForPreTraining`` at attribute ``model`` (prefix ``model.``, its
   backbone under ``model.wav2vec2.``); heads may hold the backbone deeper, e.g. an
   ``UtteranceClassifier`` at ``model`` gives ``model.backbone.``: any single prefix that ends
-  where a wav2vec 2.0 state dict begins is found;
+  where a backbone state dict begins is found;
 - beside the checkpoint the stage writes :data:`MODEL_JSON` with :func:`write_model_json`: the
-  backbone's ``Wav2Vec2Config.to_dict()``, which is all that is needed to rebuild it;
+  backbone's ``config.to_dict()``, whose ``model_type`` names the family (a file without one, as
+  written before other families, is wav2vec 2.0), which is all that is needed to rebuild it;
 - ``save_hyperparameters`` gets plain values only, so the checkpoint loads with
   ``weights_only=True`` (:func:`ser.checkpoints.safe_torch_load`).
 """
@@ -42,46 +57,95 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
+from huggingface_hub import try_to_load_from_cache
+from transformers import (
+    Data2VecAudioConfig,
+    Data2VecAudioModel,
+    HubertConfig,
+    HubertModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Wav2Vec2Config,
+    Wav2Vec2ForPreTraining,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+)
 
 from ser.atomic import atomic_write_json, current_umask
 from ser.checkpoints import safe_torch_load
 from ser.errors import SerInputError
 from ser.models.fairseq_import import (
-    w2v2_from_fairseq_checkpoint,
+    backbone_from_fairseq_checkpoint,
+    fairseq_family,
     w2v2_pretraining_from_fairseq_checkpoint,
 )
 
 log = logging.getLogger(__name__)
+
+Backbone = Wav2Vec2Model | HubertModel | WavLMModel | Data2VecAudioModel
+
+
+@dataclass(frozen=True)
+class Family:
+    """A backbone family: its name in messages, config and base-model classes, and the prefix
+    of its class names in a config's ``architectures`` (``HubertForCTC``)."""
+
+    label: str
+    config: type[PreTrainedConfig]
+    model: type[PreTrainedModel]
+    class_prefix: str
+
+
+WAV2VEC2 = "wav2vec2"
+FAMILIES: dict[str, Family] = {  # keyed by the config's model_type
+    WAV2VEC2: Family("wav2vec 2.0", Wav2Vec2Config, Wav2Vec2Model, "Wav2Vec2"),
+    "hubert": Family("HuBERT", HubertConfig, HubertModel, "Hubert"),
+    "wavlm": Family("WavLM", WavLMConfig, WavLMModel, "WavLM"),
+    "data2vec-audio": Family("data2vec-audio", Data2VecAudioConfig, Data2VecAudioModel,
+                             "Data2VecAudio"),
+}
+# A family's base or head class, e.g. HubertModel, WavLMForCTC; not Wav2Vec2ConformerModel.
+_ARCHITECTURE = re.compile(
+    rf"({'|'.join(f.class_prefix for f in FAMILIES.values())})(Model|For[A-Za-z]+)"
+)
 
 MODEL_JSON = "model.json"
 _CONV_STACK: dict[str, Any] = {
     "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
     "conv_stride": [5, 2, 2, 2, 2, 2, 2],
 }
+# Toy sizes every family's tiny preset shares: a 3 s clip is 149 frames.
+_TINY_SIZES: dict[str, Any] = {
+    **_CONV_STACK,
+    "conv_dim": [32] * 7,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "num_conv_pos_embedding_groups": 4,
+    "layerdrop": 0.0,
+    "mask_time_prob": 0.05,
+    "mask_time_length": 10,
+}
+# The kernel of the single positional conv of wav2vec 2.0, HuBERT and WavLM. data2vec-audio
+# reads num_conv_pos_embeddings as its NUMBER of positional convs, so it keeps its own (5 of 19).
+_TINY_POS_CONV: dict[str, Any] = {"num_conv_pos_embeddings": 16}
 PRESETS: dict[str, dict[str, Any]] = {
-    # Base-like (group norm, post-layer-norm) at toy size: a 3 s clip is 149 frames.
+    # Base-like (group norm, post-layer-norm) at toy size, with a small quantizer for TAPT.
     "tiny": {
-        **_CONV_STACK,
-        "conv_dim": [32] * 7,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 128,
-        "num_conv_pos_embeddings": 16,
-        "num_conv_pos_embedding_groups": 4,
+        **_TINY_SIZES,
+        **_TINY_POS_CONV,
         "num_codevectors_per_group": 16,
         "num_codevector_groups": 2,
         "codevector_dim": 32,
         "proj_codevector_dim": 32,
         "num_negatives": 20,
-        "layerdrop": 0.0,
-        "mask_time_prob": 0.05,
-        "mask_time_length": 10,
     },
     # facebook/wav2vec2-base
     "base": {
@@ -114,27 +178,39 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mask_time_prob": 0.05,
         "mask_time_length": 10,
     },
+    # The other families at tiny's sizes: group-norm conv stack (data2vec-audio: layer norm,
+    # its only kind), post-layer-norm encoder.
+    "tiny-hubert": {**_TINY_SIZES, **_TINY_POS_CONV},
+    "tiny-wavlm": {**_TINY_SIZES, **_TINY_POS_CONV},
+    "tiny-data2vec-audio": dict(_TINY_SIZES),
 }
+PRESET_FAMILIES: dict[str, str] = {
+    "tiny": WAV2VEC2, "base": WAV2VEC2, "large": WAV2VEC2,
+    "tiny-hubert": "hubert", "tiny-wavlm": "wavlm", "tiny-data2vec-audio": "data2vec-audio",
+}  # fmt: skip
+_FAMILY_LIST = ", ".join(f"{f.label} ({name})" for name, f in FAMILIES.items())
 SPEC_FORMS = (
-    f"a preset ({', '.join(PRESETS)}); a directory with config.json written by save_pretrained; "
-    "a hub name like facebook/wav2vec2-base that is in the local Hugging Face cache; "
-    "a fairseq wav2vec 2.0 .pt file; a Lightning .ckpt written by a ser stage"
+    f"a preset ({', '.join(PRESETS)}); a directory with config.json written by save_pretrained "
+    f"of a base or head model of the families {_FAMILY_LIST}; a hub name like "
+    "facebook/wav2vec2-base that is in the local Hugging Face cache; a fairseq wav2vec 2.0 or "
+    "HuBERT .pt file; a Lightning .ckpt written by a ser stage"
 )
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# Where a wav2vec 2.0 state dict begins: the key that every variant has.
+# Where a backbone state dict begins: the key that every variant of every family has.
 _ANCHOR = "feature_projection.projection.weight"
 _PREFERRED_PREFIXES = ("backbone.", "model.wav2vec2.")
 
 
-def preset_config(name: str, **overrides: Any) -> Wav2Vec2Config:
-    """The ``Wav2Vec2Config`` of a preset, with ``overrides`` applied."""
+def preset_config(name: str, **overrides: Any) -> PreTrainedConfig:
+    """The config of a preset (its family's config class), with ``overrides`` applied."""
     if name not in PRESETS:
         raise SerInputError(f"unknown backbone preset {name!r}; presets: {', '.join(PRESETS)}")
-    return Wav2Vec2Config(**{**PRESETS[name], **overrides})
+    return FAMILIES[PRESET_FAMILIES[name]].config(**{**PRESETS[name], **overrides})
 
 
-def load_backbone(spec: str) -> Wav2Vec2Model:
-    """A ``Wav2Vec2Model`` from any accepted ``spec`` (module docstring), in training mode.
+def load_backbone(spec: str) -> Backbone:
+    """The base model of its family (:data:`Backbone`) from any accepted ``spec`` (module
+    docstring), in training mode.
 
     Training mode like any freshly built module, whatever the source: transformers'
     ``from_pretrained`` returns eval mode, and Lightning keeps submodules' modes, so a backbone
@@ -142,13 +218,13 @@ def load_backbone(spec: str) -> Wav2Vec2Model:
     """
     kind, value = _resolve(spec)
     if kind == "preset":
-        model = Wav2Vec2Model(preset_config(spec))
+        model = FAMILIES[PRESET_FAMILIES[spec]].model(preset_config(spec))
     elif kind == "directory":
         model = _from_directory(value)
     elif kind == "hub":
         model = _from_hub_cache(spec)
     elif kind == "fairseq":
-        model = w2v2_from_fairseq_checkpoint(value, spec)
+        model = _from_fairseq(value, spec, pretraining=False)
     else:
         model = _from_lightning(value, Path(spec), pretraining=False)
     set_gradient_checkpointing(model, False)
@@ -159,15 +235,18 @@ def load_backbone(spec: str) -> Wav2Vec2Model:
 def load_pretraining_model(spec: str) -> Wav2Vec2ForPreTraining:
     """A ``Wav2Vec2ForPreTraining`` for TAPT from any accepted ``spec``, in training mode (see
     :func:`load_backbone`). Where the source has no quantizer or projection heads (a plain
-    backbone), they start fresh."""
+    backbone), they start fresh. Another family is refused (:func:`tapt_refusal`)."""
     kind, value = _resolve(spec)
     if kind == "preset":
+        _require_wav2vec2(spec, PRESET_FAMILIES[spec])
         model = Wav2Vec2ForPreTraining(preset_config(spec))
     elif kind in ("directory", "hub"):
+        config_file = value / "config.json" if kind == "directory" else _hub_config(spec)
+        _require_wav2vec2(spec, _read_family(config_file)[0])
         source = value if kind == "directory" else spec
         model = _pretraining_from_pretrained(source, hub=kind == "hub")
     elif kind == "fairseq":
-        model = w2v2_pretraining_from_fairseq_checkpoint(value, spec)
+        model = _from_fairseq(value, spec, pretraining=True)
     else:
         model = _from_lightning(value, Path(spec), pretraining=True)
     set_gradient_checkpointing(model, False)
@@ -175,8 +254,51 @@ def load_pretraining_model(spec: str) -> Wav2Vec2ForPreTraining:
     return model.train()
 
 
+def backbone_family(spec: str) -> str | None:
+    """The family (``model_type``) of ``spec`` from its preset name or config files, without
+    loading weights: a directory's ``config.json``, the :data:`MODEL_JSON` beside a checkpoint
+    file, a hub name's cached ``config.json``. None where that cannot tell: a file with no
+    :data:`MODEL_JSON` beside it (a fairseq ``.pt``: known once loaded), a hub name not in the
+    cache, a spec that names nothing. Raises SerInputError for an unsupported family."""
+    if spec in PRESETS:
+        return PRESET_FAMILIES[spec]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        return _read_family(config_file)[0] if config_file.is_file() else None
+    if path.is_file():
+        manifest = path.parent / MODEL_JSON
+        return _manifest_family(manifest, _read_manifest(manifest)) if manifest.is_file() else None
+    if _HUB_NAME.fullmatch(spec):
+        cached = _cached_hub_config(spec)
+        return _read_family(cached)[0] if cached is not None else None
+    return None
+
+
+def tapt_refusal(spec: str) -> str | None:
+    """Why TAPT cannot start from ``spec`` (read as :func:`backbone_family` reads it), or None:
+    TAPT needs wav2vec 2.0's quantizer and contrastive head, which no other family has."""
+    family = backbone_family(spec)
+    return None if family in (None, WAV2VEC2) else _tapt_reason(family)
+
+
+def _tapt_reason(family: str) -> str:
+    label = FAMILIES[family].label
+    return (
+        f"is a {label} model (model_type {family!r}): TAPT needs wav2vec 2.0's quantizer and "
+        f"contrastive head (Wav2Vec2ForPreTraining), which {label} lacks. For {label}, use "
+        "P-TAPT (method ptapt; its phase 2 pretrains any family on k-means frame labels) or "
+        "fine-tune directly (method vft)"
+    )
+
+
+def _require_wav2vec2(spec: str, family: str) -> None:
+    if family != WAV2VEC2:
+        raise SerInputError(f"backbone {spec!r} {_tapt_reason(family)}")
+
+
 def set_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
-    """Turn activation checkpointing of every layer of ``model`` on or off.
+    """Turn activation checkpointing of every layer of ``model`` on or off (every family).
 
     On, each layer's activations are recomputed in the backward pass: less memory, slower. It
     applies in training mode with gradients enabled only (a frozen feature encoder run under
@@ -201,22 +323,24 @@ def set_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
 
 
 def describe_backbone(spec: str, model: torch.nn.Module | None = None) -> str:
-    """A short description for logs: where the backbone came from and its size."""
+    """A short description for logs: where the backbone came from, its family and size."""
     source = f"preset {spec!r} (random init)" if spec in PRESETS else repr(spec)
     if model is None:
         return source
     config = model.config
+    family = FAMILIES.get(config.model_type)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    norm = "layer-norm-first" if config.do_stable_layer_norm else "post-layer-norm"
+    # data2vec-audio has no layer-norm-first variant, nor the config key.
+    stable = getattr(config, "do_stable_layer_norm", False)
+    norm = "layer-norm-first" if stable else "post-layer-norm"
     return (
-        f"{source}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, {norm}, "
+        f"{source}: {family.label if family else config.model_type}, "
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {norm}, "
         f"{params:.1f} M parameters"
     )
 
 
-def save_backbone(
-    model: Wav2Vec2Model | Wav2Vec2ForPreTraining, directory: str | os.PathLike[str]
-) -> Path:
+def save_backbone(model: PreTrainedModel, directory: str | os.PathLike[str]) -> Path:
     """``save_pretrained`` into ``directory`` atomically: written into a temporary directory
     beside it, then renamed into place (an existing directory is replaced only then)."""
     target = Path(directory)
@@ -240,8 +364,9 @@ def save_backbone(
     return target
 
 
-def write_model_json(directory: str | os.PathLike[str], config: Wav2Vec2Config) -> Path:
-    """Write :data:`MODEL_JSON` (the backbone config) beside a stage's checkpoints."""
+def write_model_json(directory: str | os.PathLike[str], config: PreTrainedConfig) -> Path:
+    """Write :data:`MODEL_JSON` (the backbone config, whose ``model_type`` names the family)
+    beside a stage's checkpoints."""
     path = Path(directory) / MODEL_JSON
     atomic_write_json(path, {
         "backbone_config": config.to_dict(),
@@ -279,19 +404,49 @@ def _resolve(spec: str) -> tuple[str, Any]:
                         f"Accepted backbones: {SPEC_FORMS}.")
 
 
-def _from_directory(path: Path) -> Wav2Vec2Model:
-    architectures = _read_architectures(path)
-    if "Wav2Vec2ForPreTraining" in architectures:
+def _from_fairseq(
+    checkpoint: dict[str, Any], source: str, pretraining: bool
+) -> Backbone | Wav2Vec2ForPreTraining:
+    """Every fairseq ``.pt`` goes through here: the importer of the checkpoint's family, read
+    from its model name (``ser.models.fairseq_import``: wav2vec 2.0 and HuBERT)."""
+    if pretraining:
+        _require_wav2vec2(source, fairseq_family(checkpoint, source))
+        return w2v2_pretraining_from_fairseq_checkpoint(checkpoint, source)
+    return backbone_from_fairseq_checkpoint(checkpoint, source)
+
+
+def _from_directory(path: Path) -> Backbone:
+    family, architectures = _read_family(path / "config.json")
+    if family == WAV2VEC2 and "Wav2Vec2ForPreTraining" in architectures:
         # Load it whole and take its backbone: strict, and no report of "unused" heads.
         return _checked_pretrained(Wav2Vec2ForPreTraining, path).wav2vec2
-    return _checked_pretrained(Wav2Vec2Model, path)
+    # Any other head model loads as its base model (transformers strips the head's prefix).
+    return _checked_pretrained(FAMILIES[family].model, path)
 
 
-def _from_hub_cache(name: str) -> Wav2Vec2Model:
+def _from_hub_cache(name: str) -> Backbone:
+    family, _ = _read_family(_hub_config(name))
     try:
-        return _checked_pretrained(Wav2Vec2Model, name, local_files_only=True)
+        return _checked_pretrained(FAMILIES[family].model, name, local_files_only=True)
     except OSError as err:
         raise SerInputError(_no_network_advice(name)) from err
+
+
+def _hub_config(name: str) -> Path:
+    """The cached ``config.json`` of hub model ``name``, or the advice to fetch it."""
+    cached = _cached_hub_config(name)
+    if cached is None:
+        raise SerInputError(_no_network_advice(name))
+    return cached
+
+
+def _cached_hub_config(name: str) -> Path | None:
+    """The ``config.json`` of hub model ``name`` in the local cache, never the network."""
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # huggingface_hub's refusal of an invalid repo id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def _pretraining_from_pretrained(source: Path | str, hub: bool) -> Wav2Vec2ForPreTraining:
@@ -330,16 +485,36 @@ def _checked_pretrained(cls: type, source: Path | str, local_files_only: bool = 
     return model
 
 
-def _read_architectures(path: Path) -> list[str]:
+def _read_family(config_file: Path) -> tuple[str, list[str]]:
+    """(family, architectures) of a ``config.json``: its ``model_type``, or for a config without
+    one the family of its ``architectures``. Refuses a family not in :data:`FAMILIES`."""
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
-        raise SerInputError(f"{path / 'config.json'} is not readable JSON: {err}") from err
-    if config.get("model_type") != "wav2vec2":
+        raise SerInputError(f"{config_file} is not readable JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise SerInputError(f"{config_file} is not a model config (a JSON object)")
+    architectures = [str(a) for a in config.get("architectures") or []]
+    family = config.get("model_type") or _architectures_family(architectures)
+    return _supported(family, config_file), architectures
+
+
+def _architectures_family(architectures: list[str]) -> str | None:
+    prefixes = {f.class_prefix: name for name, f in FAMILIES.items()}
+    for architecture in architectures:
+        match = _ARCHITECTURE.fullmatch(architecture)
+        if match:
+            return prefixes[match.group(1)]
+    return None
+
+
+def _supported(family: Any, source: Path) -> str:
+    if family not in FAMILIES:
         raise SerInputError(
-            f"{path} holds a {config.get('model_type')!r} model; expected model_type 'wav2vec2'"
+            f"{source} describes a {family!r} model, not a supported backbone; supported "
+            f"families (model_type): {_FAMILY_LIST}"
         )
-    return list(config.get("architectures") or [])
+    return str(family)
 
 
 def _no_network_advice(name: str) -> str:
@@ -354,15 +529,16 @@ def _no_network_advice(name: str) -> str:
 
 def _from_lightning(
     checkpoint: dict[str, Any], path: Path, pretraining: bool
-) -> Wav2Vec2Model | Wav2Vec2ForPreTraining:
+) -> Backbone | Wav2Vec2ForPreTraining:
     state = checkpoint["state_dict"]
     config = _lightning_config(path)
     prefix = _backbone_prefix(state, path)
     backbone_state = _sub_state(state, prefix)
     if not pretraining:
-        model = Wav2Vec2Model(config)
+        model = FAMILIES[config.model_type].model(config)
         _load_strict(model, backbone_state, path)
         return model
+    _require_wav2vec2(str(path), config.model_type)
     model = Wav2Vec2ForPreTraining(config)
     if prefix.endswith("wav2vec2."):
         _load_strict(model, _sub_state(state, prefix[: -len("wav2vec2.")]), path)
@@ -372,18 +548,37 @@ def _from_lightning(
     return model
 
 
-def _lightning_config(path: Path) -> Wav2Vec2Config:
+def _lightning_config(path: Path) -> PreTrainedConfig:
     manifest = path.parent / MODEL_JSON
     if not manifest.is_file():
         raise SerInputError(
             f"checkpoint {path} has no {MODEL_JSON} beside it; a ser stage writes one with the "
             "backbone config. Copy it from the stage's output directory."
         )
+    data = _read_manifest(manifest)
+    family = _manifest_family(manifest, data)
+    try:
+        return FAMILIES[family].config.from_dict(data["backbone_config"])
+    except (ValueError, TypeError) as err:
+        raise SerInputError(f"{manifest} is not a valid backbone description: {err}") from err
+
+
+def _read_manifest(manifest: Path) -> dict[str, Any]:
     try:
         data = json.loads(manifest.read_text())
-        return Wav2Vec2Config.from_dict(data["backbone_config"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise SerInputError(f"{manifest} is not a valid backbone description: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("backbone_config"), dict):
+        raise SerInputError(
+            f"{manifest} is not a valid backbone description: no 'backbone_config' object"
+        )
+    return data
+
+
+def _manifest_family(manifest: Path, data: dict[str, Any]) -> str:
+    # model.json files written before other families were supported are all wav2vec 2.0 (their
+    # config's to_dict() carries model_type anyway; a hand-written one may not).
+    return _supported(data["backbone_config"].get("model_type") or WAV2VEC2, manifest)
 
 
 def _backbone_prefix(state: dict[str, torch.Tensor], path: Path) -> str:
@@ -394,8 +589,8 @@ def _backbone_prefix(state: dict[str, torch.Tensor], path: Path) -> str:
     if len(prefixes) == 1:
         return prefixes[0]
     raise SerInputError(
-        f"checkpoint {path}: expected one wav2vec 2.0 backbone in its state_dict (under "
-        f"'backbone.' by convention), found {len(prefixes)}: {prefixes}"
+        f"checkpoint {path}: expected one backbone in its state_dict (under 'backbone.' by "
+        f"convention), found {len(prefixes)}: {prefixes}"
     )
 
 

@@ -4,6 +4,10 @@ fairseq 0.12 does not import on Python 3.11 and transformers 5 no longer ships i
 script, so the mapping lives here: the model options become a ``Wav2Vec2Config`` and the state
 dict is renamed by an explicit table (:data:`_RENAMES`). Loading is strict: a key that neither
 maps nor is a known pretraining-only key, or a model parameter that nothing fills, is an error.
+
+:func:`load_fairseq_backbone` is the entry point for any fairseq backbone file: it reads the
+family from the model name the checkpoint holds and hands HuBERT to ``fairseq_hubert``, which
+builds on the helpers here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ import re
 from typing import Any
 
 import torch
-from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
+from transformers import (
+    HubertModel,
+    PreTrainedConfig,
+    Wav2Vec2Config,
+    Wav2Vec2ForPreTraining,
+    Wav2Vec2Model,
+)
 
 from ser.checkpoints import fairseq_model_options, safe_torch_load
 from ser.errors import SerInputError
@@ -65,6 +75,15 @@ FAIRSEQ_W2V2_DEFAULTS: dict[str, Any] = {
 # fairseq model names (cfg.model._name / args.arch) of wav2vec 2.0 pretraining and fine-tuning.
 _PRETRAINING_ARCHS = {"wav2vec2"}
 _FINETUNED_ARCHS = {"wav2vec_ctc", "wav2vec2_ctc", "wav_ctc"}
+# HuBERT (fairseq/models/hubert/): pretraining, and hubert_asr.py's CTC fine-tuning; loaded by
+# ser.models.fairseq_hubert.
+HUBERT_ARCHS = frozenset({"hubert"})
+HUBERT_FINETUNED_ARCHS = frozenset({"hubert_ctc"})
+# Backbone family of each fairseq model name that load_fairseq_backbone accepts.
+_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(_PRETRAINING_ARCHS | _FINETUNED_ARCHS, "wav2vec2"),
+    **dict.fromkeys(HUBERT_ARCHS | HUBERT_FINETUNED_ARCHS, "hubert"),
+}
 _FINETUNED_PREFIX = "w2v_encoder.w2v_model."
 # Pretraining-only parts that Wav2Vec2Model has no place for.
 _PRETRAINING_ONLY = ("quantizer.", "project_q.", "final_proj.", "target_glu.", "label_embs")
@@ -148,7 +167,7 @@ def w2v2_options(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict
     options = fairseq_model_options(checkpoint, source)
     arch = options.get("_name") or options.get("arch")
     if arch in _FINETUNED_ARCHS or options.get("w2v_args") is not None:
-        options = _pretraining_options(options.get("w2v_args"), source)
+        options = fairseq_pretraining_options(options.get("w2v_args"), source)
         arch = options.get("_name") or options.get("arch") or "wav2vec2"
     state = checkpoint.get("model")
     keys = state.keys() if isinstance(state, dict) else ()
@@ -166,13 +185,16 @@ def w2v2_options(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict
     return {**FAIRSEQ_W2V2_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
 
 
-def _pretraining_options(w2v_args: Any, source: str) -> dict[str, Any]:
+def fairseq_pretraining_options(
+    w2v_args: Any, source: str, family: str = "wav2vec 2.0"
+) -> dict[str, Any]:
+    """The options of the pretrained model inside a fine-tuned checkpoint (its ``w2v_args``)."""
     if isinstance(w2v_args, argparse.Namespace):
         return dict(vars(w2v_args))
     if isinstance(w2v_args, dict) and isinstance(w2v_args.get("model"), dict):
         return dict(w2v_args["model"])
     raise SerInputError(
-        f"{source} is a fine-tuned fairseq model without the options of its wav2vec 2.0 "
+        f"{source} is a fine-tuned fairseq model without the options of its {family} "
         "(w2v_args is missing); load it once in fairseq and save it again, or use the "
         "pretrained checkpoint it was fine-tuned from."
     )
@@ -243,18 +265,20 @@ def w2v2_state_dict_from_fairseq(
 ) -> dict[str, torch.Tensor]:
     """fairseq's state dict renamed for ``Wav2Vec2Model(config)``; pretraining-only and CTC keys
     dropped. Raises SerInputError naming any key it cannot place."""
-    mapped, unmapped = _rename_all(_strip_finetuned_prefix(fairseq_state), _RENAMES)
+    mapped, unmapped = rename_state(strip_finetuned_prefix(fairseq_state), _RENAMES)
     unmapped = [k for k in unmapped if not k.startswith(_PRETRAINING_ONLY + _FINETUNED_ONLY)]
-    unmapped += [f"{k} (beyond the configured layers)" for k in mapped if _beyond(k, config)]
+    unmapped += [
+        f"{k} (beyond the configured layers)" for k in mapped if beyond_configured_layers(k, config)
+    ]
     if unmapped:
         raise SerInputError(
             f"fairseq checkpoint has {len(unmapped)} key(s) that do not map onto transformers' "
-            f"Wav2Vec2Model: {_shorten(unmapped)}; it is not a plain wav2vec 2.0 model."
+            f"Wav2Vec2Model: {shorten_keys(unmapped)}; it is not a plain wav2vec 2.0 model."
         )
     return mapped
 
 
-def _beyond(key: str, config: Wav2Vec2Config) -> bool:
+def beyond_configured_layers(key: str, config: PreTrainedConfig) -> bool:
     """Whether a transformers key names a conv or transformer layer the config does not have."""
     for pattern, count in (
         (r"feature_extractor\.conv_layers\.(\d+)\.", config.num_feat_extract_layers),
@@ -266,7 +290,7 @@ def _beyond(key: str, config: Wav2Vec2Config) -> bool:
     return False
 
 
-def _strip_finetuned_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_finetuned_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not any(k.startswith(_FINETUNED_PREFIX) for k in state):
         return dict(state)
     return {
@@ -275,7 +299,7 @@ def _strip_finetuned_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     }
 
 
-def _rename_all(
+def rename_state(
     state: dict[str, torch.Tensor], renames: list[tuple[str, str]]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     weight_g, weight_v = _weight_norm_names()
@@ -308,7 +332,7 @@ def _weight_norm_names() -> tuple[str, str]:
     return prefix + "weight_g", prefix + "weight_v"
 
 
-def _shorten(keys: list[str], limit: int = 8) -> str:
+def shorten_keys(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(sorted(keys)[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -328,8 +352,8 @@ def w2v2_from_fairseq_checkpoint(checkpoint: dict[str, Any], source: str) -> Wav
     options, state = _model_parts(checkpoint, source)
     config = w2v2_config_from_fairseq(options)
     model = Wav2Vec2Model(config)
-    _strict_load(model, w2v2_state_dict_from_fairseq(state, config), source)
-    _warn_if_normalized(checkpoint, options, source)
+    strict_load(model, w2v2_state_dict_from_fairseq(state, config), source)
+    warn_if_normalized(checkpoint, options, source)
     log.info("loaded fairseq wav2vec 2.0 %s (%d layers, hidden %d)", source,
              config.num_hidden_layers, config.hidden_size)
     return model
@@ -356,12 +380,14 @@ def w2v2_pretraining_from_fairseq_checkpoint(
     heads = {k: v for k, v in state.items() if k.startswith(_PRETRAINING_ONLY)}
     backbone = {k: v for k, v in state.items() if not k.startswith(_PRETRAINING_ONLY)}
     mapped = {f"wav2vec2.{k}": v for k, v in w2v2_state_dict_from_fairseq(backbone, config).items()}
-    head_mapped, unmapped = _rename_all(heads, _PRETRAINING_RENAMES)
+    head_mapped, unmapped = rename_state(heads, _PRETRAINING_RENAMES)
     if unmapped:
-        raise SerInputError(f"{source}: pretraining keys with no place: {_shorten(unmapped)}")
+        raise SerInputError(
+            f"{source}: pretraining keys with no place: {shorten_keys(unmapped)}"
+        )
     model = Wav2Vec2ForPreTraining(config)
-    _strict_load(model, {**mapped, **head_mapped}, source)
-    _warn_if_normalized(checkpoint, options, source)
+    strict_load(model, {**mapped, **head_mapped}, source)
+    warn_if_normalized(checkpoint, options, source)
     return model
 
 
@@ -377,7 +403,7 @@ def _model_parts(
     return w2v2_options(checkpoint, source), state
 
 
-def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -388,7 +414,7 @@ def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     )
     if missing or unexpected or wrong_shape:
         parts = [
-            f"{name}: {_shorten(keys)}"
+            f"{name}: {shorten_keys(keys)}"
             for name, keys in (("missing", missing), ("unexpected", unexpected),
                                ("wrong shape", wrong_shape))
             if keys
@@ -400,7 +426,7 @@ def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state, strict=True)
 
 
-def _warn_if_normalized(checkpoint: dict[str, Any], options: dict[str, Any], source: str) -> None:
+def warn_if_normalized(checkpoint: dict[str, Any], options: dict[str, Any], source: str) -> None:
     # Large (LV-60) models were trained on per-utterance standardised audio; feeding raw audio
     # still runs but hurts. The data pipeline, not the backbone, has to do it.
     task = _section(checkpoint, "task")
@@ -418,3 +444,54 @@ def _section(checkpoint: dict[str, Any], name: str) -> dict[str, Any]:
     args = checkpoint.get("args")
     return dict(vars(args)) if isinstance(args, argparse.Namespace) else {}
 
+
+# --- dispatch by model family -------------------------------------------------------------
+
+
+def fairseq_family(checkpoint: dict[str, Any], source: str = "checkpoint") -> str:
+    """The backbone family, "wav2vec2" or "hubert", of a fairseq checkpoint, read from its model
+    name (``cfg.model._name`` or ``args.arch``; for a fine-tuned model, that of the pretrained
+    model in ``w2v_args``), never from the file name. Raises SerInputError for anything else."""
+    options = fairseq_model_options(checkpoint, source)
+    name = options.get("_name") or options.get("arch")
+    if options.get("w2v_args") is not None:
+        # A fine-tuned model is of the family of the pretrained model it wraps.
+        inner = fairseq_pretraining_options(options["w2v_args"], source)
+        name = inner.get("_name") or inner.get("arch") or name
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    raise _unknown_family(name, checkpoint, source)
+
+
+def _unknown_family(name: Any, checkpoint: dict[str, Any], source: str) -> SerInputError:
+    state = checkpoint.get("model")
+    keys = state.keys() if isinstance(state, dict) else ()
+    if name == "wav2vec" or any(k.startswith("feature_aggregator.") for k in keys):
+        return SerInputError(
+            f"{source} is a wav2vec 1.0 checkpoint (model '{name}'); wav2vec 1.0 is the phase-1 "
+            "model of P-TAPT, not a backbone."
+        )
+    what = f"a fairseq '{name}' model" if name else "no model name (cfg.model._name or args.arch)"
+    return SerInputError(
+        f"{source} holds {what}; ser loads fairseq backbones of the families wav2vec 2.0 "
+        f"(models {sorted(k for k, v in _FAMILIES.items() if v == 'wav2vec2')}) and HuBERT "
+        f"(models {sorted(k for k, v in _FAMILIES.items() if v == 'hubert')})."
+    )
+
+
+def load_fairseq_backbone(path: str | os.PathLike[str]) -> Wav2Vec2Model | HubertModel:
+    """A fairseq wav2vec 2.0 or HuBERT checkpoint (pretrained or CTC fine-tuned) as
+    transformers' Wav2Vec2Model or HubertModel, whichever its model name says."""
+    return backbone_from_fairseq_checkpoint(safe_torch_load(path), str(path))
+
+
+def backbone_from_fairseq_checkpoint(
+    checkpoint: dict[str, Any], source: str
+) -> Wav2Vec2Model | HubertModel:
+    """:func:`load_fairseq_backbone` on an already loaded checkpoint dict."""
+    if fairseq_family(checkpoint, source) == "hubert":
+        # Imported here because fairseq_hubert builds on this module's helpers.
+        from ser.models.fairseq_hubert import hubert_from_fairseq_checkpoint
+
+        return hubert_from_fairseq_checkpoint(checkpoint, source)
+    return w2v2_from_fairseq_checkpoint(checkpoint, source)

@@ -4,7 +4,7 @@ Fine-tuning (``ser.stages.finetune``) exports one run's checkpoint here; serving
 (``ser.serving``) and anyone with the directory load it back::
 
     model/
-      backbone/      the wav2vec 2.0 backbone (save_pretrained)
+      backbone/      the backbone, any family (save_pretrained of its base model)
       head.pt        the output layer's state dict
       model.json     classes, sample rate, evaluation batch size, where it came from; written
                      last, so a directory with one is complete

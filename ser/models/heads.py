@@ -1,4 +1,5 @@
-"""Heads on top of wav2vec models: the utterance classifier and phase 2's frame-cluster heads.
+"""Heads on a backbone of any family (``ser.models.backbones``: wav2vec 2.0, HuBERT, WavLM,
+data2vec-audio): the utterance classifier and phase 2's frame-cluster heads.
 
 As in the original, neither gives the backbone's mask embedding (``masked_spec_embed``) to the
 optimizer by default: FT-w2v2-ser replaced masked frames under ``torch.no_grad()``, so that
@@ -15,10 +16,10 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Wav2Vec2Model
 
 from ser.config import TIME_MASKINGS
 from ser.errors import SerInputError
+from ser.models.backbones import Backbone
 from ser.models.masking import batch_time_mask, feature_mask, time_mask
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * weights).sum(dim=1) / counts
 
 
-def freeze_feature_encoder(backbone: Wav2Vec2Model) -> None:
+def freeze_feature_encoder(backbone: Backbone) -> None:
     """Freeze the conv feature encoder and the feature projection (RECIPE: phase 2 and
-    fine-tuning train only the transformer encoder)."""
-    backbone.freeze_feature_encoder()
+    fine-tuning train only the transformer encoder), on every family."""
+    # HubertModel has no freeze_feature_encoder; every family's conv encoder has this, which
+    # also clears the flag that makes it track gradients of its input.
+    backbone.feature_extractor._freeze_parameters()
     backbone.feature_projection.requires_grad_(False)
 
 
 def frozen_features(
-    backbone: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor | None
+    backbone: Backbone, input_values: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected features ``[B, T, D]`` computed without autograd, and the frame mask ``[B, T]``
     (True on valid frames) from the sample-level ``attention_mask`` (None: all valid)."""
@@ -63,21 +66,21 @@ def frozen_features(
     return hidden, frame_mask.bool()
 
 
-def project_features(backbone: Wav2Vec2Model, features: torch.Tensor) -> torch.Tensor:
+def project_features(backbone: Backbone, features: torch.Tensor) -> torch.Tensor:
     """The feature projection of conv features ``[B, T, C]``: ``[B, T, D]``."""
     projected = backbone.feature_projection(features)
     # wav2vec2, WavLM and data2vec-audio return (projected, normed input); HuBERT the tensor.
     return projected[0] if isinstance(projected, tuple) else projected
 
 
-def feature_encoder_sees_padding(backbone: Wav2Vec2Model) -> bool:
+def feature_encoder_sees_padding(backbone: Backbone) -> bool:
     """Whether the conv feature encoder normalises over time (GroupNorm, ``feat_extract_norm
     "group"``: wav2vec2-base, the ``tiny`` preset), so that padding changes valid frames.
     Read off the modules rather than the config, which not every wav2vec2-like model has."""
     return any(isinstance(m, nn.GroupNorm) for m in backbone.feature_extractor.modules())
 
 
-def encoder_ignores_padding(backbone: Wav2Vec2Model) -> bool:
+def encoder_ignores_padding(backbone: Backbone) -> bool:
     """Whether the transformer encoder gives valid frames the same output whatever padding
     follows them under its frame mask. transformers' encoders zero padded frames before the
     positional conv embedding and mask them out of attention; that suffices for a single conv
@@ -91,7 +94,7 @@ def encoder_ignores_padding(backbone: Wav2Vec2Model) -> bool:
 
 
 def utterance_features(
-    backbone: Wav2Vec2Model, input_values: torch.Tensor, attention_mask: torch.Tensor
+    backbone: Backbone, input_values: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`frozen_features`, but the conv feature encoder runs on each utterance's own
     samples (``attention_mask``: valid samples first, as ``collate_audio`` pads), so that its
@@ -112,7 +115,7 @@ def utterance_features(
         return project_features(backbone, features), frame_mask
 
 
-def ensure_mask_embedding(backbone: Wav2Vec2Model) -> nn.Parameter:
+def ensure_mask_embedding(backbone: Backbone) -> nn.Parameter:
     """The backbone's learned mask embedding; transformers builds it only when the config's mask
     probabilities are positive, so a model saved with both at 0 gets a fresh one here."""
     if getattr(backbone, "masked_spec_embed", None) is None:
@@ -136,7 +139,7 @@ def feature_span(channels: int) -> int:
 
 
 def optimised_parameters(
-    model: nn.Module, backbone: Wav2Vec2Model, train_mask_embedding: bool
+    model: nn.Module, backbone: Backbone, train_mask_embedding: bool
 ) -> list[nn.Parameter]:
     """``model``'s parameters that require grad, the mask embedding left out unless
     ``train_mask_embedding`` (it may be created after the constructor froze it, see
@@ -146,7 +149,7 @@ def optimised_parameters(
             if p.requires_grad and (train_mask_embedding or p is not embed)]
 
 
-def set_mask_embedding_trainable(backbone: Wav2Vec2Model, trainable: bool) -> None:
+def set_mask_embedding_trainable(backbone: Backbone, trainable: bool) -> None:
     """Freeze or unfreeze the mask embedding (when the backbone has one): frozen, it gets no
     gradient at all, as under the original's ``no_grad`` masking."""
     embed = getattr(backbone, "masked_spec_embed", None)
@@ -155,7 +158,7 @@ def set_mask_embedding_trainable(backbone: Wav2Vec2Model, trainable: bool) -> No
 
 
 def apply_time_mask(
-    backbone: Wav2Vec2Model, hidden: torch.Tensor, mask: torch.Tensor
+    backbone: Backbone, hidden: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """Replace the frames where ``mask [B, T]`` is True by the backbone's mask embedding."""
     embed = ensure_mask_embedding(backbone).to(hidden.dtype)
@@ -186,7 +189,7 @@ class UtteranceClassifier(nn.Module):
 
     def __init__(
         self,
-        backbone: Wav2Vec2Model,
+        backbone: Backbone,
         num_classes: int,
         time_mask_prob: float = 0.08,
         time_mask_span: int = 15,
@@ -288,7 +291,7 @@ class FrameClusterHeads(nn.Module):
 
     def __init__(
         self,
-        backbone: Wav2Vec2Model,
+        backbone: Backbone,
         cluster_counts: list[int],
         head_dim: int = 256,
         time_mask_prob: float = 0.06,

@@ -1,6 +1,7 @@
-"""P-TAPT phase 2: train wav2vec 2.0 to predict the k-means cluster of every masked frame.
+"""P-TAPT phase 2: train the backbone to predict the k-means cluster of every masked frame.
 
-Per fold, the pretrained wav2vec 2.0 (``backbone``; not the phase-1 model) gets one
+Per fold, the pretrained backbone (``backbone``, of any family ``ser.models.backbones`` loads:
+wav2vec 2.0, HuBERT, WavLM, data2vec-audio; not the phase-1 model) gets one
 ``LinearHead`` per cluster count (``ser.models.heads.FrameClusterHeads``). Its convolutional
 encoder and feature projection stay frozen; time masks (``mask_time_prob``, span 15, at least 2,
 valid frames only) replace frames by the mask embedding, and the loss is the sum over heads of
@@ -13,7 +14,7 @@ fold holding ``clusters.json`` (``ser.training.fold_input`` picks the fold's). T
 counts, in head order, come from ``num_clusters`` in ``cluster_stats.json`` beside the label
 file; without that file, from the largest label of each head plus one (``ser.artifacts``).
 
-Output per fold: ``<fold>/backbone/``, the ``Wav2Vec2Model`` (``save_pretrained``) that
+Output per fold: ``<fold>/backbone/``, the backbone's base model (``save_pretrained``) that
 fine-tuning loads with ``ser.models.backbones.load_backbone``; ``<fold>/checkpoints/last.ckpt``
 is the resume point. The heads are not kept: they only serve this stage.
 

@@ -1,5 +1,10 @@
 """TAPT: continue wav2vec 2.0's self-supervised pretraining on the task's own audio.
 
+wav2vec 2.0 only: the loss needs its quantizer and contrastive head (``Wav2Vec2ForPreTraining``).
+A backbone of another family (HuBERT, WavLM, data2vec-audio) is refused by the config check
+(``TaptConfig.check``, from the spec's preset name or config files) before any work; P-TAPT is
+the task-adaptive pretraining for those.
+
 Per fold, a ``Wav2Vec2ForPreTraining`` (backbone, quantizer and projection heads) trains on the
 fold's Train audio only, with every parameter trainable (the convolutional encoder too) and
 transformers' own loss: contrastive loss over masked frames plus the codebook diversity loss.

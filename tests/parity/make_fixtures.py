@@ -20,6 +20,8 @@ safely by default, so fairseq cannot read an ``args`` checkpoint (it holds an
 ``weights_only=False`` while fairseq reads the files this script has just written; ``ser`` itself
 always loads them with ``weights_only=True``.
 
+``make_hubert_fixtures.py`` writes the HuBERT fixtures with the same environment and helpers.
+
 Everything is seeded: running the script twice writes the same tensors. What each file holds is
 described in ``tests/parity/README.md``.
 """

@@ -1,0 +1,7 @@
+"""MLproject entry point `predict` (parameters: ser.config.PredictConfig)."""
+
+import sys
+
+from ser.cli import entry_main
+
+sys.exit(entry_main("predict"))
