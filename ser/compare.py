@@ -2,25 +2,33 @@
 
 Reads the headline metrics every method run logs on its parent run (``test_UA_mean``,
 ``test_UA_std``, ...), so the table shows exactly what the MLflow UI's compare view shows.
+From each method's fine-tuning run's per-utterance ``results.json`` it also writes per-fold,
+per-speaker and per-class tables and paired tests between methods (:mod:`ser.significance`):
+``significance.json``, ``significance.md`` and ``per_fold_ua.png``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from ser import tracking  # noqa: E402
+from ser import significance, tracking  # noqa: E402
 from ser.atomic import atomic_path, atomic_write_text  # noqa: E402
 from ser.config import CompareConfig  # noqa: E402
+from ser.data.labels import read_label_file  # noqa: E402
 from ser.errors import SerInputError  # noqa: E402
+from ser.plots import plot_per_fold  # noqa: E402
 from ser.tracking import TAG_METHOD, TAG_PARENT, TAG_STAGE, Run  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -42,9 +50,22 @@ class Comparison:
     markdown: Path
     csv: Path
     chart: Path
+    # Per-fold, per-speaker, per-class tables and paired tests (ser.significance): written when
+    # at least one method run names a fine-tuning run with per-utterance results.
+    significance: dict[str, Any] | None = None
+    files: list[Path] = field(default_factory=list)  # everything written, as logged
+
+
+SIGNIFICANCE_JSON = "significance.json"
+SIGNIFICANCE_MD = "significance.md"
+PER_FOLD_PNG = "per_fold_ua.png"
 
 
 def compare(config: CompareConfig) -> Comparison:
+    """Write the table and chart of the chosen method runs and, from their fine-tuning runs'
+    per-utterance results, :mod:`ser.significance`'s tables, paired tests and per-fold plot; log
+    them all as artifacts of the entry point's run (``mlflow run . -e compare``) when there is
+    one."""
     runs = _chosen_runs(config)
     rows = [_row(run) for run in runs]
     out = Path(config.output_dir)
@@ -52,8 +73,71 @@ def compare(config: CompareConfig) -> Comparison:
     atomic_write_text(markdown, to_markdown(rows))
     atomic_write_text(table_csv, to_csv(rows))
     plot(rows, chart)
-    log.info("compared %d runs: wrote %s, %s and %s", len(rows), markdown, table_csv, chart)
-    return Comparison(rows, markdown, table_csv, chart)
+    files = [markdown, table_csv, chart]
+    report = _significance(runs, rows, out)
+    if report is not None:
+        files += [out / SIGNIFICANCE_JSON, out / SIGNIFICANCE_MD, out / PER_FOLD_PNG]
+    log.info("compared %d runs: wrote %s", len(rows), ", ".join(str(f) for f in files))
+    logged = tracking.log_to_entry_run(files)
+    if logged:
+        log.info("logged them as artifacts of run %s", logged)
+    return Comparison(rows, markdown, table_csv, chart, report, files)
+
+
+def _significance(runs: list[Run], rows: list[Row], out: Path) -> dict[str, Any] | None:
+    methods: dict[str, list[dict[str, Any]]] = {}
+    labels: dict[str, list[dict[str, str] | None]] = {}
+    cache: dict[str, dict[str, str] | None] = {}
+    run_ids: dict[str, str] = {}
+    for run, row in zip(runs, rows, strict=True):
+        records = _results_of(run)
+        if not records:
+            continue
+        name = row.method if row.method not in methods else f"{row.method}@{row.run_id[:8]}"
+        methods[name] = records
+        run_ids[name] = row.run_id
+        labels[name] = [_true_labels(r, cache) for r in records]
+    if not methods:
+        log.info("no method run names a fine-tuning run with results.json artifacts "
+                 "(tag %s): no per-fold tables or paired tests", tracking.TAG_FINETUNE_RUN)
+        return None
+    report = significance.analyse(methods, labels)
+    report["runs"] = run_ids
+    atomic_write_text(out / SIGNIFICANCE_JSON, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / SIGNIFICANCE_MD, significance.to_markdown(report))
+    per_fold = {m: {f: v["mean"] for f, v in report["methods"][m]["per_fold"].items()}
+                for m in report["methods"]}  # fmt: skip
+    plot_per_fold(per_fold, out / PER_FOLD_PNG)
+    return report
+
+
+def _results_of(run: Run) -> list[dict[str, Any]]:
+    """The ``results.json`` records of the method run's fine-tuning (or probe) run."""
+    stage_run = run.data.tags.get(tracking.TAG_FINETUNE_RUN, "")
+    if not stage_run:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tracking.download_results(stage_run, Path(tmp))
+        records = [json.loads(p.read_text()) for p in files]
+    return sorted(records, key=lambda r: (str(r["fold"]), int(r["repeat"])))
+
+
+def _true_labels(
+    record: dict[str, Any], cache: dict[str, dict[str, str] | None]
+) -> dict[str, str] | None:
+    """The Test labels of the record's label file, or None when the file cannot be read here
+    or does not cover its predictions (the run's own logged scores stand in then)."""
+    path = str(record.get("label_file", ""))
+    if path not in cache:
+        try:
+            cache[path] = read_label_file(path).test if path else None
+        except (SerInputError, OSError) as err:
+            log.warning("cannot read label file %s (%s): using the runs' logged UA", path, err)
+            cache[path] = None
+    test = cache[path]
+    if test is None or not set(record["predictions"]) <= set(test):
+        return None
+    return test
 
 
 def _chosen_runs(config: CompareConfig) -> list[Run]:

@@ -409,7 +409,8 @@ class ProbeConfig(TrainingConfig):
 
 @dataclass
 class CompareConfig:
-    """A table and a bar chart comparing finished method runs (V-FT, TAPT, P-TAPT)."""
+    """A table, a bar chart and paired tests comparing finished method runs (V-FT, TAPT,
+    P-TAPT, probe)."""
 
     runs: str = param("", "comma-separated run ids; empty: the newest finished run per method")
     experiment_name: str = param("", "where to look when runs is empty; empty: everywhere")

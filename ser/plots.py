@@ -8,7 +8,7 @@ plotting state.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,39 @@ def plot_confusion(
             colour = "white" if percent[row, col] > 50 else "black"
             axes.text(col, row, f"{percent[row, col]:.1f}%\n({counts[row, col]})",
                       ha="center", va="center", color=colour, fontsize=9)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    return target
+
+
+def plot_per_fold(
+    per_fold: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike[str],
+    title: str = "UA per fold",
+) -> Path:
+    """Write a PNG of each method's UA per fold (``{method: {fold: UA}}``, methods along x), a
+    line joining each fold's points across methods and a black bar at each method's mean, so a
+    gain that holds on every fold reads as parallel rising lines. Written atomically."""
+    methods = list(per_fold)
+    folds = list(dict.fromkeys(f for values in per_fold.values() for f in values))
+    figure = Figure(figsize=(2.4 + 1.3 * max(1, len(methods)), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for fold in folds:
+        xs = [i for i, m in enumerate(methods) if fold in per_fold[m]]
+        ys = [per_fold[methods[i]][fold] for i in xs]
+        axes.plot(xs, ys, marker="o", linewidth=1, alpha=0.8, label=fold)
+    for i, method in enumerate(methods):
+        if per_fold[method]:
+            mean = float(np.mean(list(per_fold[method].values())))
+            axes.hlines(mean, i - 0.2, i + 0.2, colors="black", linewidth=2.5)
+    axes.set_xticks(range(len(methods)), labels=methods)
+    axes.set_xlim(-0.5, len(methods) - 0.5)
+    axes.set_ylabel("test UA [%] (mean over repeats)")
+    axes.set_title(title)
+    if folds:
+        axes.legend(title="fold", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     target = Path(path)
     with atomic_path(target) as tmp:
         figure.savefig(tmp, format="png", dpi=100)

@@ -607,3 +607,27 @@ def log_pyfunc_model(
         registered_model_name=register_as or None,
     )
     return info.model_uri
+
+
+def download_results(run_id: str, into: Path, name: str = "results.json") -> list[Path]:
+    """Every ``name`` file among the ``folds/`` artifacts of ``run_id`` (fine-tuning and the
+    probe log each run's ``folds/<fold>/run_<r>/results.json``), downloaded under ``into``;
+    none when the run has no such artifacts."""
+    if not mlflow.MlflowClient().list_artifacts(run_id, "folds"):
+        return []
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="folds", dst_path=str(into)
+    )
+    return sorted(Path(local).rglob(name))
+
+
+def log_to_entry_run(paths: Iterable[Path], artifact_path: str | None = None) -> str | None:
+    """Log ``paths`` as artifacts of the active run, or else of the run ``mlflow run`` made for
+    this entry point (``MLFLOW_RUN_ID``); its id, or None (and nothing logged) when neither."""
+    run_id = active_run_id() or os.environ.get("MLFLOW_RUN_ID", "")
+    if not run_id:
+        return None
+    client = mlflow.MlflowClient()
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+    return run_id

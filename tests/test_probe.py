@@ -22,6 +22,7 @@ from ser.checks import ConfigError
 from ser.compare import compare
 from ser.config import CompareConfig, ProbeConfig, ProbeMethodConfig, SearchConfig
 from ser.data.datasets import collate_audio
+from ser.data.labels import read_label_file
 from ser.data.synthetic import DemoCorpus
 from ser.models import finetuned
 from ser.models.backbones import preset_config
@@ -217,3 +218,18 @@ def test_the_probe_method_logs_vft_headline_metrics_and_compare_lists_it(
     rows = compare(CompareConfig(output_dir=str(tmp_path / "compare"))).rows
     assert [(r.method, r.run_id) for r in rows] == [("probe", parent.info.run_id)]
     assert rows[0].values["UA"][0] == pytest.approx(headline["test_UA_mean"])
+
+
+@pytest.mark.parametrize("backbone", ["tiny-hubert", "tiny-wavlm", "tiny-data2vec-audio"])
+def test_the_probe_takes_every_backbone_family(
+    backbone: str, corpus: DemoCorpus, tmp_path: Path
+) -> None:
+    """One fold, one epoch: each family's hidden states are stored, mixed and scored."""
+    config = ProbeConfig(datadir=str(corpus.audio_dir), labelpath=str(corpus.label_files[0]),
+                         output_dir=str(tmp_path), backbone=backbone, max_epochs=1,
+                         batch_size=4, num_workers=0)  # fmt: skip
+    result = probe.run(config)
+    (run,) = result.runs
+    assert run["backbone"] == backbone and len(run["layer_weights"]) == 3  # input + 2 layers
+    assert set(run["predictions"]) == set(read_label_file(corpus.label_files[0]).test)
+    assert 0 <= result.ua <= 100

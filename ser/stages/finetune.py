@@ -71,7 +71,6 @@ Options whose default is the original's behaviour, and what their other value ch
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import warnings
@@ -86,14 +85,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ser import artifacts, distributed, report, training
+from ser import artifacts, classification, distributed, report, training
 from ser.atomic import atomic_write_json, atomic_write_text, replace_dir, restore_dir
+from ser.classification import SplitEvaluation
 from ser.config import SAMPLE_RATE, FinetuneConfig
 from ser.data.datasets import UtteranceDataset, collate_utterances
 from ser.data.labels import LabelFile
 from ser.data.sampling import BucketBatchSampler, ResumableLoader
 from ser.errors import SerInputError
-from ser.metrics import Scores, score
 from ser.models.backbones import load_backbone, set_gradient_checkpointing, write_model_json
 from ser.models.finetuned import eval_batch_size, export_model
 from ser.models.heads import UtteranceClassifier
@@ -122,7 +121,7 @@ class FinetuneResult:
 # --------------------------------------------------------------------------- building blocks
 
 
-class FinetuneModule(pl.LightningModule):
+class FinetuneModule(SplitEvaluation):
     """The utterance classifier, its weighted loss, optimizer and evaluation over whole splits.
 
     ``backbone`` is any spec :func:`ser.models.backbones.load_backbone` accepts. Validation
@@ -171,9 +170,6 @@ class FinetuneModule(pl.LightningModule):
         self.register_buffer(
             "class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False
         )
-        self._outputs: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
-        self.test_scores: Scores | None = None
-        self.test_predictions: dict[str, str] = {}
 
     @property
     def eval_batch_size(self) -> int:
@@ -195,66 +191,12 @@ class FinetuneModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.trainable_parameters(), lr=self.lr)
 
-    # Evaluation gathers every utterance first: UA is a property of the whole split, not an
-    # average of per-batch values.
-    def on_validation_epoch_start(self) -> None:
-        self._outputs = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._collect(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        logits, labels, _ = self._gathered()
-        scores = self._validation_scores(labels.tolist(), logits.argmax(-1).tolist())
-        loss = F.cross_entropy(logits, labels, weight=self.class_weights.cpu())
-        self.log("valid_UA", scores.ua, prog_bar=True)
-        self.log("valid_WA", scores.wa)
-        self.log("valid_loss", loss)
-
-    def _validation_scores(self, labels: list[int], preds: list[int]) -> Scores:
-        return score(labels, preds, self.classes)
-
-    def on_test_epoch_start(self) -> None:
-        self._outputs = []
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._collect(batch)
-
-    def on_test_epoch_end(self) -> None:
-        logits, labels, names = self._gathered()
-        preds = logits.argmax(-1).tolist()
-        self.test_scores = score(labels.tolist(), preds, self.classes)
-        self.test_predictions = {
-            name: self.classes[p] for name, p in zip(names, preds, strict=True)
-        }
-        for key, value in (("UA", self.test_scores.ua), ("WA", self.test_scores.wa),
-                           ("F1", self.test_scores.f1)):
-            self.log(f"test_{key}", value)
-
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         logits = self(batch["input_values"], batch["attention_mask"])
         return {"names": batch["names"], "probs": torch.softmax(logits.float(), dim=-1).cpu()}
 
-    def _collect(self, batch: dict[str, Any]) -> None:
-        logits = self(batch["input_values"], batch["attention_mask"])
-        self._outputs.append((logits.detach().float().cpu(), batch["labels"].cpu(),
-                              list(batch["names"])))
-
-    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Every utterance of the split, from every rank (each evaluated one share of it)."""
-        mine = (
-            torch.cat([out[0] for out in self._outputs]) if self._outputs
-            else torch.zeros(0, len(self.classes)),
-            torch.cat([out[1] for out in self._outputs]) if self._outputs
-            else torch.zeros(0, dtype=torch.long),
-            [name for out in self._outputs for name in out[2]],
-        )  # fmt: skip
-        self._outputs = []
-        parts = distributed.gather(mine)
-        names = [name for part in parts for name in part[2]]
-        keep = distributed.first_of_each(names)
-        return (torch.cat([p[0] for p in parts])[keep], torch.cat([p[1] for p in parts])[keep],
-                [names[i] for i in keep])  # fmt: skip
+    def batch_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["input_values"], batch["attention_mask"])
 
 
 # --------------------------------------------------------------------------- data
@@ -322,26 +264,6 @@ def eval_loader(
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_folds(folds: list[LabelFile], classes: list[str]) -> dict[str, list[float]]:
-    """Each fold's class weights; refuses folds that cannot be trained or tested."""
-    weights = {}
-    for fold in folds:
-        for split, items in (("Train", fold.train), ("Test", fold.test)):
-            if not items:
-                raise SerInputError(f"label file {fold.path}: the {split} split is empty")
-        absent = sorted(set(classes) - set(fold.train.values()))
-        if absent:
-            raise SerInputError(
-                f"label file {fold.path}: no Train utterance of class(es) {absent}, so the "
-                "class weights (inverse frequency) are undefined; add Train data for them or "
-                f"leave them out of --classes"
-            )
-        weights[fold.name] = training.class_weights(
-            list(fold.train.values()), classes, f"the Train split of {fold.path}"
-        )
-    return weights
 
 
 def backbone_source(config: FinetuneConfig, fold: LabelFile) -> str:
@@ -418,7 +340,8 @@ def _train_and_test(
         raise RuntimeError(f"finetune {job.name}: training left no checkpoint in {job.directory}")
     trainer.test(module, dataloaders=loaders.test, ckpt_path=str(tested), verbose=False,
                  weights_only=True)
-    result = _run_record(job, module, trainer, tested, output_dir, has_val)
+    result = {**classification.run_record(job, module, trainer, tested, output_dir),
+              "backbone": job.backbone}
 
     def write() -> None:
         _keep_weights(config, job, tested, result, (classes, output_dir, earlier))
@@ -459,36 +382,6 @@ def _fit(
     return trainer
 
 
-def _run_record(
-    job: _Run,
-    module: FinetuneModule,
-    trainer: pl.Trainer,
-    tested: Path,
-    output_dir: Path,
-    has_val: bool,
-) -> dict[str, Any]:
-    assert module.test_scores is not None  # set by trainer.test
-    best_score = getattr(trainer.checkpoint_callback, "best_model_score", None)
-    return {
-        "fold": job.fold.name,
-        "repeat": job.repeat,
-        "seed": job.seed,
-        "classes": module.classes,
-        "scores": module.test_scores.as_dict(),
-        "valid_UA": float(best_score) if has_val and best_score is not None else None,
-        "tested": "best" if has_val else "last",
-        "checkpoint": tested.resolve().relative_to(output_dir.resolve()).as_posix(),
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "num_train": len(job.fold.train),
-        "num_val": len(job.fold.val),
-        "num_test": len(job.fold.test),
-        "backbone": job.backbone,
-        "label_file": str(job.fold.path),
-        "predictions": module.test_predictions,
-    }
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -497,12 +390,12 @@ def run(config: FinetuneConfig, context: StageContext = NO_CONTEXT) -> FinetuneR
     config.check()
     folds = training.load_folds(config)
     classes = training.resolve_classes(config, folds)
-    weights = _check_folds(folds, classes)
+    weights = classification.check_folds(folds, classes)
     sources = {fold.name: backbone_source(config, fold) for fold in folds}
     output_dir = training.stage_output_dir(config, SPEC.name)
     if distributed.is_zero():
         restore_dir(output_dir / artifacts.MODEL)  # a kill in the middle of its replacement
-    _warn_on_changed_config(config, output_dir)
+    classification.warn_on_changed_config(config, output_dir)
     training.save_config(config, output_dir, resolved_classes=classes)
     jobs = [
         _Run(fold, repeat, config.seed + repeat, sources[fold.name], weights[fold.name],
@@ -516,30 +409,19 @@ def run(config: FinetuneConfig, context: StageContext = NO_CONTEXT) -> FinetuneR
     return _finish(runs, classes, output_dir)
 
 
-def _warn_on_changed_config(config: FinetuneConfig, output_dir: Path) -> None:
-    saved = output_dir / "config.json"
-    if not saved.is_file():
-        return
-    old = json.loads(saved.read_text())
-    changed = sorted(k for k, v in dataclasses.asdict(config).items() if old.get(k, v) != v)
-    if changed:
-        log.warning(
-            "%s holds runs made with other settings (%s differ); finished runs are reused as "
-            "they are. Use a new output_dir to start afresh.", output_dir, ", ".join(changed))
-
-
 def _keep_weights(
     config: FinetuneConfig, job: _Run, tested: Path, record: dict[str, Any],
     where: tuple[list[str], Path, Sequence[Mapping[str, Any]]],
 ) -> None:
     """Export the run's tested weights before its checkpoints go: as the stage's model while
-    it is the one :func:`select_export_run` picks so far, and as ``run_<r>/model`` on request.
-    So at most one set of fine-tuned weights is kept beyond the run in training."""
+    it is the one :func:`ser.classification.select_export_run` picks so far, and as
+    ``run_<r>/model`` on request. So at most one set of fine-tuned weights is kept beyond the
+    run in training."""
     classes, output_dir, earlier = where
     source = report.run_row(record)
     if config.keep_run_models:
         export_model(tested, classes, job.directory / artifacts.MODEL, source=source)
-    chosen, reason = select_export_run([*earlier, record])
+    chosen, reason = classification.select_export_run([*earlier, record])
     if chosen is record:
         replace_dir(output_dir / artifacts.MODEL, lambda folder: export_model(
             tested, classes, folder, source={**source, "selected_by": reason}))
@@ -547,7 +429,7 @@ def _keep_weights(
 
 def _finish(runs: list[dict[str, Any]], classes: list[str], output_dir: Path) -> FinetuneResult:
     summary = report.summarise_runs(runs, classes)
-    chosen, reason = select_export_run(runs)
+    chosen, reason = classification.select_export_run(runs)
     summary["exported_model"] = {"path": artifacts.MODEL, "fold": chosen["fold"],
                                  "repeat": chosen["repeat"], "selected_by": reason}
     model_dir = output_dir / artifacts.MODEL
@@ -585,15 +467,6 @@ def _write_report(summary: dict[str, Any], classes: list[str], output_dir: Path)
         title=f"Confusion matrix, {summary['num_runs']} run(s) summed",
     )
 
-
-def select_export_run(runs: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], str]:
-    """The run to export, and why: the best validation UA, never the test score (see the module
-    docstring); without validation, the first fold's first run."""
-    validated = [r for r in runs if r["valid_UA"] is not None]
-    if validated:
-        best = max(validated, key=lambda r: r["valid_UA"])  # first of equals
-        return best, f"best validation UA ({best['valid_UA']:.2f}) over {len(validated)} run(s)"
-    return runs[0], "no Val split to select on: the first fold's first run"
 
 SPEC = Stage(
     name="finetune", config_cls=FinetuneConfig, run=run, inputs=("backbone", "pretrained_path"),

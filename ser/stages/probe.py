@@ -61,7 +61,6 @@ the probe's metrics but not its model, and the ``probe`` method refuses ``regist
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import warnings
@@ -71,22 +70,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel
 
-from ser import artifacts, report, training
+from ser import artifacts, classification, report, training
 from ser.atomic import atomic_path, atomic_write_json, atomic_write_text, replace_dir, restore_dir
 from ser.checkpoints import safe_torch_load
+from ser.classification import SplitEvaluation
 from ser.config import SAMPLE_RATE, ProbeConfig
 from ser.data.datasets import AudioOnlyDataset, collate_audio
 from ser.data.labels import LabelFile
 from ser.data.sampling import BucketBatchSampler, ResumableLoader
 from ser.errors import SerInputError
-from ser.metrics import Scores, score
 from ser.models.backbones import PRESETS, load_backbone, save_backbone
 from ser.models.heads import encoder_ignores_padding, feature_encoder_sees_padding, masked_mean
 from ser.plots import plot_confusion
@@ -308,7 +306,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 # --------------------------------------------------------------------------- training the head
 
 
-class ProbeModule(pl.LightningModule):
+class ProbeModule(SplitEvaluation):
     """The head, its weighted loss and optimizer, and evaluation over whole splits (logs
     ``valid_UA``, ``valid_WA``, ``valid_loss``; a test leaves ``test_scores`` and
     ``test_predictions``), as fine-tuning's module does."""
@@ -327,9 +325,6 @@ class ProbeModule(pl.LightningModule):
         self.register_buffer(
             "class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False
         )
-        self._outputs: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
-        self.test_scores: Scores | None = None
-        self.test_predictions: dict[str, str] = {}
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
@@ -343,42 +338,8 @@ class ProbeModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.head.parameters(), lr=self.lr)
 
-    def on_validation_epoch_start(self) -> None:
-        self._outputs = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._collect(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        logits, labels, _ = self._gathered()
-        scores = score(labels.tolist(), logits.argmax(-1).tolist(), self.classes)
-        self.log("valid_UA", scores.ua, prog_bar=True)
-        self.log("valid_WA", scores.wa)
-        self.log("valid_loss", F.cross_entropy(logits, labels, weight=self.class_weights.cpu()))
-
-    def on_test_epoch_start(self) -> None:
-        self._outputs = []
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._collect(batch)
-
-    def on_test_epoch_end(self) -> None:
-        logits, labels, names = self._gathered()
-        preds = logits.argmax(-1).tolist()
-        self.test_scores = score(labels.tolist(), preds, self.classes)
-        self.test_predictions = {n: self.classes[p] for n, p in zip(names, preds, strict=True)}
-        for key in ("UA", "WA", "F1"):
-            self.log(f"test_{key}", getattr(self.test_scores, key.lower()))
-
-    def _collect(self, batch: dict[str, Any]) -> None:
-        logits = self(batch["features"])
-        self._outputs.append((logits.detach().float().cpu(), batch["labels"].cpu(),
-                              list(batch["names"])))  # fmt: skip
-
-    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        # One process (ProbeConfig refuses devices other than 1): nothing to gather across ranks.
-        return (torch.cat([o[0] for o in self._outputs]), torch.cat([o[1] for o in self._outputs]),
-                [n for o in self._outputs for n in o[2]])  # fmt: skip
+    def batch_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["features"])
 
 
 class _Split(Dataset):
@@ -461,7 +422,9 @@ def _train_and_test(config: ProbeConfig, job: _Run, classes: list[str], store: F
             raise RuntimeError(f"probe {job.name}: training left no checkpoint in {job.directory}")
         trainer.test(module, dataloaders=loaders.test, ckpt_path=str(tested), verbose=False,
                      weights_only=True)  # fmt: skip
-    record = _run_record(job, module, trainer, tested, config)
+    output_dir = training.stage_output_dir(config, SPEC.name)
+    record = {**classification.run_record(job, module, trainer, tested, output_dir),
+              "backbone": config.backbone, "layer_weights": module.head.layer_weights().tolist()}
 
     def write() -> None:
         with atomic_path(job.directory / HEAD_PT) as tmp:
@@ -475,26 +438,6 @@ def _train_and_test(config: ProbeConfig, job: _Run, classes: list[str], store: F
     return record
 
 
-def _run_record(job: _Run, module: ProbeModule, trainer: pl.Trainer, tested: Path,
-                config: ProbeConfig) -> dict[str, Any]:  # fmt: skip
-    assert module.test_scores is not None  # set by trainer.test
-    has_val = bool(job.fold.val)
-    best = getattr(trainer.checkpoint_callback, "best_model_score", None)
-    output_dir = training.stage_output_dir(config, SPEC.name)
-    return {
-        "fold": job.fold.name, "repeat": job.repeat, "seed": job.seed, "classes": module.classes,
-        "scores": module.test_scores.as_dict(),
-        "valid_UA": float(best) if has_val and best is not None else None,
-        "tested": "best" if has_val else "last",
-        "checkpoint": tested.resolve().relative_to(output_dir.resolve()).as_posix(),
-        "epochs": trainer.current_epoch, "global_step": trainer.global_step,
-        "num_train": len(job.fold.train), "num_val": len(job.fold.val),
-        "num_test": len(job.fold.test), "backbone": config.backbone,
-        "layer_weights": module.head.layer_weights().tolist(),
-        "label_file": str(job.fold.path), "predictions": module.test_predictions,
-    }  # fmt: skip
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -503,10 +446,10 @@ def run(config: ProbeConfig, context: StageContext = NO_CONTEXT) -> ProbeResult:
     config.check()
     folds = training.load_folds(config)
     classes = training.resolve_classes(config, folds)
-    weights = _class_weights(folds, classes)
+    weights = classification.check_folds(folds, classes)
     output_dir = training.stage_output_dir(config, SPEC.name)
     restore_dir(output_dir / artifacts.MODEL)  # a kill in the middle of its replacement
-    _warn_on_changed_config(config, output_dir)
+    classification.warn_on_changed_config(config, output_dir)
     training.save_config(config, output_dir, resolved_classes=classes)
     names = sorted({name for fold in folds for name in fold.files()})
     store = feature_store(config, names, output_dir / FEATURES)
@@ -518,45 +461,11 @@ def run(config: ProbeConfig, context: StageContext = NO_CONTEXT) -> ProbeResult:
     return _finish(config, runs, classes, output_dir)
 
 
-def _class_weights(folds: list[LabelFile], classes: list[str]) -> dict[str, list[float]]:
-    """Each fold's inverse-frequency class weights (``training.class_weights`` refuses a class
-    without Train utterances); refuses a fold without Train or Test utterances."""
-    for fold in folds:
-        for split, items in (("Train", fold.train), ("Test", fold.test)):
-            if not items:
-                raise SerInputError(f"label file {fold.path}: the {split} split is empty")
-    return {fold.name: training.class_weights(list(fold.train.values()), classes,
-                                              f"the Train split of {fold.path}")
-            for fold in folds}  # fmt: skip
-
-
-def _warn_on_changed_config(config: ProbeConfig, output_dir: Path) -> None:
-    saved = output_dir / artifacts.CONFIG_JSON
-    if not saved.is_file():
-        return
-    old = json.loads(saved.read_text())
-    changed = sorted(k for k, v in dataclasses.asdict(config).items() if old.get(k, v) != v)
-    if changed:
-        log.warning("%s holds runs made with other settings (%s differ); finished runs are "
-                    "reused as they are. Use a new output_dir to start afresh.", output_dir,
-                    ", ".join(changed))  # fmt: skip
-
-
-def select_export_run(runs: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], str]:
-    """The run to export, and why: the best validation UA, never the test score; without
-    validation, the first fold's first run (as fine-tuning selects)."""
-    validated = [r for r in runs if r["valid_UA"] is not None]
-    if validated:
-        best = max(validated, key=lambda r: r["valid_UA"])  # first of equals
-        return best, f"best validation UA ({best['valid_UA']:.2f}) over {len(validated)} run(s)"
-    return runs[0], "no Val split to select on: the first fold's first run"
-
-
 def _finish(config: ProbeConfig, runs: list[dict[str, Any]], classes: list[str],
             output_dir: Path) -> ProbeResult:  # fmt: skip
     summary = report.summarise_runs(runs, classes)
     summary["layer_weights"] = np.mean([r["layer_weights"] for r in runs], axis=0).tolist()
-    chosen, reason = select_export_run(runs)
+    chosen, reason = classification.select_export_run(runs)
     summary["exported_model"] = {"path": artifacts.MODEL, "fold": chosen["fold"],
                                  "repeat": chosen["repeat"], "selected_by": reason}  # fmt: skip
     model_dir = _export(config, chosen, reason, classes, output_dir)
