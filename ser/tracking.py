@@ -103,32 +103,27 @@ def resolve_input(value: str, name: str, cache: Path | None = None) -> str:
 
 
 def _download(uri: str, name: str, into: Path | None) -> str:
+    """``uri`` downloaded with MLflow (into ``into``, else a folder of MLflow's choosing).
+
+    An unresolvable URI is one SerInputError line naming the parameter: MLflow's own messages
+    can span lines (server responses), and a command line shows one.
+    """
     try:
         return mlflow.artifacts.download_artifacts(
             artifact_uri=uri, dst_path=str(into) if into else None
         )
-    except Exception as err:  # MLflow raises several types for unknown runs/paths
+    except Exception as err:  # MLflow raises several types for unknown runs/paths/models
+        reason = next(iter(str(err).strip().splitlines()), "") or type(err).__name__
         raise SerInputError(
             f"{name}={uri}: cannot download it from the tracking server "
-            f"{mlflow.get_tracking_uri()} ({err}); check the run id and artifact path "
-            "(`mlflow artifacts list --run-id ID`)"
+            f"{mlflow.get_tracking_uri()} ({reason}); check the run id, model version or "
+            "artifact path (`mlflow artifacts list --run-id ID`)"
         ) from err
 
 
 def download_model(uri: str, into: Path) -> Path:
-    """A logged or registered model (``models:/``, ``runs:/``...) downloaded into ``into``.
-
-    Raises a one-line SerInputError when the URI does not resolve: MLflow's own messages can
-    span lines (server responses), and a command line shows one.
-    """
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
-    except Exception as err:  # MLflow raises several types for unknown runs, models, versions
-        reason = next(iter(str(err).strip().splitlines()), "") or type(err).__name__
-        raise SerInputError(
-            f"model={uri}: cannot download it from the tracking server "
-            f"{mlflow.get_tracking_uri()} ({reason})"
-        ) from err
+    """A logged or registered model (``models:/``, ``runs:/``...) downloaded into ``into``."""
+    return Path(_download(uri, "model", into))
 
 
 def file_digest(path: Path) -> str:
